@@ -1,0 +1,47 @@
+"""LSTM question encoder: embedding -> tanh -> LSTM -> concat final (h, c) -> tanh -> linear."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+
+@dataclass(frozen=True)
+class QuestionEncoderConfig:
+    vocab_size: int
+    word_dim: int = 300
+    hidden_size: int = 512
+    num_layers: int = 2
+    embed_size: int = 1024
+    max_tokens: int = 32  # longer questions are cut; the service rejects them earlier
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuestionEncoderConfig":
+        return cls(**d)
+
+
+class QuestionEncoder(nn.Module):
+    def __init__(self, cfg: QuestionEncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.word_dim, padding_idx=0)
+        self.lstm = nn.LSTM(cfg.word_dim, cfg.hidden_size, cfg.num_layers, batch_first=True)
+        self.fc = nn.Linear(2 * cfg.num_layers * cfg.hidden_size, cfg.embed_size)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``ids``: [B, T] right-padded token ids; ``lengths``: [B] true lengths (>= 1).
+
+        Sequences are packed, so the LSTM never reads padding: a question encodes the same
+        whether it is alone or padded inside a batch of longer ones.
+        """
+        x = torch.tanh(self.embedding(ids))
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (h, c) = self.lstm(packed)  # each [num_layers, B, hidden]
+        state = torch.cat([h, c], dim=2).transpose(0, 1).reshape(ids.shape[0], -1)
+        return self.fc(torch.tanh(state))

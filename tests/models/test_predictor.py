@@ -1,0 +1,103 @@
+"""Predictor on CPU: batch invariance, cached-feature path, top-k, device and precision."""
+
+import pytest
+import torch
+
+from models import ImageQuestions, Predictor
+from models.predictor import resolve_device, resolve_precision
+from tests.conftest import QUESTIONS
+
+
+def _images(n: int, size: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+def _assert_batch_invariant(p: Predictor, pixels: torch.Tensor, questions: list[str]) -> None:
+    """Each (image, question) alone == the same pair inside one mixed batch."""
+    alone = [p.run([ImageQuestions([p.encode_question(q)], pixels=x)])[0].probs[0]
+             for x, q in zip(pixels, questions)]
+    batch = p.run([ImageQuestions([p.encode_question(q)], pixels=x) for x, q in zip(pixels, questions)])
+    for a, b in zip(alone, batch):
+        assert int(a.argmax()) == int(b.probs[0].argmax())
+        torch.testing.assert_close(a, b.probs[0], atol=1e-4, rtol=0)
+
+
+def test_batch_invariance_tiny(tiny_checkpoint):
+    p = Predictor(tiny_checkpoint, device="cpu")
+    qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(7)]  # mixed lengths (3..8 tokens)
+    assert len({len(p.encode_question(q)) for q in qs}) > 1
+    _assert_batch_invariant(p, _images(7, p.image_size), qs)
+
+
+def test_batch_invariance_shipped_weights(shipped_weights):
+    from training.data import load_easy_vqa
+    from models.transforms import normalize
+
+    p = Predictor.from_file(shipped_weights, device="cpu")
+    test = load_easy_vqa("test", image_size=p.image_size)
+    picks = [0, 5, 17, 42, 99, 123, 256, 511]  # different images, questions of mixed length
+    qs = [test.questions[i] for i in picks]
+    assert len({len(p.encode_question(q)) for q in qs}) > 2
+    pixels = normalize(test.images[test.image_index[picks]], *(p.model.cfg.image.mean, p.model.cfg.image.std))
+    _assert_batch_invariant(p, pixels, qs)
+
+
+def test_cached_features_give_the_same_answers(tiny_checkpoint):
+    p = Predictor(tiny_checkpoint, device="cpu")
+    x = _images(1, p.image_size)[0]
+    qs = [p.encode_question(q) for q in QUESTIONS]
+    first = p.run([ImageQuestions(qs, pixels=x)])[0]
+    assert first.encoded and first.probs.shape == (len(QUESTIONS), len(p.answers))
+    again = p.run([ImageQuestions(qs, features=first.features)])[0]
+    assert not again.encoded
+    torch.testing.assert_close(first.probs, again.probs)
+
+
+def test_probabilities_and_top_k(tiny_checkpoint):
+    p = Predictor(tiny_checkpoint, device="cpu")
+    out = p.run([ImageQuestions([p.encode_question(QUESTIONS[0])], pixels=_images(1, p.image_size)[0])])[0]
+    torch.testing.assert_close(out.probs.sum(dim=1), torch.ones(1))
+    top = p.top_k(out.probs[0], 3)
+    assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
+    assert top[0][0] == p.answers[int(out.probs[0].argmax())]
+    assert len(p.top_k(out.probs[0], 100)) == len(p.answers)
+
+
+def test_empty_question_refused(tiny_checkpoint):
+    p = Predictor(tiny_checkpoint, device="cpu")
+    with pytest.raises(ValueError):
+        p.run([ImageQuestions([p.encode_question("???")], pixels=_images(1, p.image_size)[0])])
+
+
+def test_bf16_autocast_path_runs_on_cpu(tiny_checkpoint):
+    """The autocast branch the GPU uses, exercised on CPU with bf16."""
+    p32 = Predictor(tiny_checkpoint, device="cpu", precision="fp32")
+    ref = p32.predict(_images(4, p32.image_size), QUESTIONS, top_k=1)
+    pbf = Predictor(tiny_checkpoint, device="cpu", precision="bf16")
+    assert pbf.dtype_name == "bfloat16"
+    out = pbf.run([ImageQuestions([pbf.encode_question(q)], pixels=x)
+                   for x, q in zip(_images(4, pbf.image_size), QUESTIONS)])
+    assert all(a.probs.dtype == torch.float32 and torch.isfinite(a.probs).all() for a in out)
+    assert len(ref) == 4
+
+
+def test_device_and_precision_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is None
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError):
+        resolve_precision("int3", cpu)
+
+
+def test_warmup_runs(tiny_checkpoint):
+    Predictor(tiny_checkpoint, device="cpu").warmup([1, 3])
