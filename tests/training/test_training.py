@@ -1,0 +1,54 @@
+"""Training and evaluation commands: a smoke run (a few steps, never a full training) and the
+shipped weights' accuracy on the *whole* easy-VQA test split."""
+
+import json
+from pathlib import Path
+
+from models import load_checkpoint
+from training import evaluate, train
+from training.data import image_attribute_labels, load_easy_vqa, question_kind
+
+
+def test_shipped_weights_accuracy_on_the_whole_test_split(shipped_weights, capsys):
+    evaluate.main([str(shipped_weights), "--device", "cpu", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["questions"] == 9673 and report["images"] == 1000
+    assert report["accuracy"] >= 0.998, report
+    assert set(report["by_kind"]) == {"yes/no", "color", "shape"}
+    assert sum(k["questions"] for k in report["by_kind"].values()) == 9673
+
+
+def test_shipped_checkpoint_records_how_it_was_made(shipped_weights):
+    info = load_checkpoint(shipped_weights).info
+    assert info["seed"] == 0 and info["selected_epoch"] >= 1
+    assert info["val_images"] == 400 and info["train_images"] == 3600  # validation held out of train
+    assert "test" not in info["dataset"]
+    assert shipped_weights.stat().st_size <= 25 * 1024 * 1024
+
+
+def test_train_smoke_run_writes_a_loadable_checkpoint(tmp_path: Path, capsys):
+    out = tmp_path / "smoke.safetensors"
+    train.main(["--out", str(out), "--epochs", "1", "--limit-images", "64", "--batch-images", "16",
+                "--quiet", "--device", "cpu"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["selected_epoch"] == 1
+    ckpt = load_checkpoint(out)
+    assert ckpt.info["train_images"] + ckpt.info["val_images"] == 64
+    assert len(ckpt.answers) == 13
+
+
+def test_eval_text_report(tmp_path: Path, capsys, shipped_weights):
+    evaluate.main([str(shipped_weights), "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "yes/no" in text and "9673 questions" in text
+
+
+def test_attribute_labels_agree_with_answers():
+    split = load_easy_vqa("test")
+    shape, color = image_attribute_labels(split)
+    assert (shape >= 0).float().mean() > 0.8 and (color >= 0).float().mean() > 0.8
+    # every "what shape" answer agrees with the derived label of its image
+    for q, a, row in zip(split.questions, split.answers, split.image_index.tolist()):
+        if question_kind(a) == "shape":
+            from training.data import SHAPES
+            assert SHAPES[int(shape[row])] == a

@@ -1,0 +1,1 @@
+"""Datasets and the train / evaluate commands (``vqa-train``, ``vqa-eval``)."""

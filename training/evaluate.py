@@ -1,0 +1,93 @@
+"""``vqa-eval``: accuracy of a checkpoint on the easy-VQA test split (9,673 questions).
+
+Runs the same predictor and image transform the service uses, each image encoded once.
+Prints overall accuracy, accuracy by question kind (yes/no, color, shape) and the most
+frequent confusions; ``--json`` prints the same as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from models import ImageQuestions, Predictor
+from models.transforms import normalize
+
+from .data import VQASplit, load_easy_vqa, question_kind
+from .train import DEFAULT_OUT
+
+
+def evaluate(predictor: Predictor, split: VQASplit, batch_images: int = 64) -> dict:
+    cfg = predictor.model.cfg.image
+    by_image: dict[int, list[int]] = {}
+    for q, row in enumerate(split.image_index.tolist()):
+        by_image.setdefault(row, []).append(q)
+    predictions: list[str] = [""] * len(split)
+    rows = sorted(by_image)
+    t0 = time.perf_counter()
+    for start in range(0, len(rows), batch_images):
+        chunk = rows[start : start + batch_images]
+        pixels = normalize(split.images[chunk], cfg.mean, cfg.std)
+        reqs = [ImageQuestions(questions=[predictor.encode_question(split.questions[q]) for q in by_image[r]],
+                               pixels=pixels[i]) for i, r in enumerate(chunk)]
+        for r, ans in zip(chunk, predictor.run(reqs)):
+            best = ans.probs.argmax(dim=1).tolist()
+            for q, a in zip(by_image[r], best):
+                predictions[q] = predictor.answers[a]
+    seconds = time.perf_counter() - t0
+
+    correct = [p == a for p, a in zip(predictions, split.answers)]
+    kinds: dict[str, list[bool]] = {}
+    for ok, a in zip(correct, split.answers):
+        kinds.setdefault(question_kind(a), []).append(ok)
+    confusions = Counter((a, p) for p, a, ok in zip(predictions, split.answers, correct) if not ok)
+    return {
+        "questions": len(split),
+        "images": len(split.images),
+        "correct": sum(correct),
+        "accuracy": sum(correct) / len(split),
+        "by_kind": {k: {"questions": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(kinds.items())},
+        "confusions": [{"expected": a, "predicted": p, "count": n} for (a, p), n in confusions.most_common(10)],
+        "seconds": round(seconds, 2),
+        "device": str(predictor.device),
+    }
+
+
+def format_report(report: dict, weights: Path) -> str:
+    lines = [
+        f"checkpoint  {weights}",
+        f"test split  {report['questions']} questions about {report['images']} images",
+        f"accuracy    {100 * report['accuracy']:.2f}%  ({report['correct']}/{report['questions']})",
+    ]
+    for kind, r in report["by_kind"].items():
+        lines.append(f"  {kind:<8}  {100 * r['accuracy']:.2f}%  ({r['questions']} questions)")
+    if report["confusions"]:
+        lines.append("most frequent confusions (expected -> predicted):")
+        lines += [f"  {c['expected']} -> {c['predicted']}: {c['count']}" for c in report["confusions"]]
+    else:
+        lines.append("no confusions")
+    lines.append(f"evaluated in {report['seconds']}s on {report['device']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="vqa-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("weights", nargs="?", type=Path, default=DEFAULT_OUT, help="checkpoint to evaluate")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", help="auto, fp32, fp16 or bf16")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = p.parse_args(argv)
+    predictor = Predictor.from_file(args.weights, device=args.device, precision=args.precision)
+    split = load_easy_vqa("test", image_size=predictor.image_size)
+    with torch.inference_mode():
+        report = evaluate(predictor, split)
+    print(json.dumps(report, indent=2) if args.json else format_report(report, args.weights))
+
+
+if __name__ == "__main__":
+    main()
