@@ -1,0 +1,297 @@
+"""Dynamic batching: gather concurrent requests into one call of a batch handler.
+
+Generic on purpose: it knows nothing of HTTP or torch. ``submit(item)`` enqueues one item and
+waits for its result; a worker task closes a batch at ``max_batch_size`` items or
+``max_wait_s`` after its first item, and runs ``handler(items) -> results`` on one dedicated
+thread (the thread that owns the device). While a batch runs, the next one is gathered.
+
+Policies, each tested in ``tests/app/test_batcher.py``:
+
+* **Bounded queue.** A full queue raises :class:`QueueFull` at once (the service answers 503
+  with ``Retry-After``); nothing waits unboundedly.
+* **No idle wait.** A lone request does not wait ``max_wait_s`` for companions that are not
+  coming: the batch waits only while callers have *announced* an item that is on its way
+  (``announce()``: e.g. a request whose image is being decoded).
+* **Deadlines.** Every item has one; expired items are failed with :class:`DeadlineExceeded`
+  and never computed. Items whose caller went away (cancelled) are skipped.
+* **Fault isolation.** If the handler raises, only that batch fails (:class:`BatchFailed`);
+  a result that is an exception instance fails only its own item. The worker lives on.
+* **Drain.** ``stop()`` refuses new items, finishes every admitted one, then returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatcherError(Exception):
+    """Base class of the errors ``submit`` raises."""
+
+
+class QueueFull(BatcherError):
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"queue full; retry after {retry_after_s:.0f}s")
+        self.retry_after_s = retry_after_s
+
+
+class BatcherClosed(BatcherError):
+    """The batcher is stopping (or its worker died) and admits nothing new."""
+
+
+class DeadlineExceeded(BatcherError):
+    """The item's deadline passed before its result was ready."""
+
+
+class BatchFailed(BatcherError):
+    """The handler raised for the batch this item was in."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"batch failed: {type(cause).__name__}")
+        self.cause = cause
+
+
+@dataclass
+class Completed(Generic[R]):
+    """A result and how it was obtained (for timing fields and metrics)."""
+
+    value: R
+    queued_s: float  # from submit to the start of its batch
+    run_s: float  # the batch handler's run time
+    batch_size: int
+
+
+@dataclass(eq=False)
+class _Pending:
+    item: Any
+    future: asyncio.Future
+    deadline: float
+    enqueued: float
+
+
+@dataclass(eq=False)
+class Arrival:
+    """An announced item: the batch being gathered may wait (up to ``max_wait_s``) for it."""
+
+    batcher: "DynamicBatcher"
+    open: bool = field(default=True)
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self.batcher._incoming -= 1
+            self.batcher._wakeup.set()
+
+    def __enter__(self) -> "Arrival":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+BatchHandler = Callable[[Sequence[T]], Sequence["R | BaseException"]]
+
+
+class DynamicBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        handler: BatchHandler,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        on_batch: Callable[[int, float], None] | None = None,
+        thread_name: str = "batch-worker",
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0")
+        self.handler = handler
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self._pending: deque[_Pending] = deque()
+        self._incoming = 0
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self._avg_batch_s = 0.0
+        self.failure: BaseException | None = None  # set if the worker loop itself died
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._worker(), name="batcher")
+
+    async def stop(self, timeout_s: float | None = None) -> bool:
+        """Stop admitting, finish everything admitted, stop the worker. Returns False if the
+        drain did not finish within ``timeout_s`` (what is left is failed with BatcherClosed)."""
+        self._closing = True
+        self._wakeup.set()
+        drained = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except asyncio.TimeoutError:
+                drained = False
+                self._task.cancel()
+            except Exception:  # the worker died; failure is recorded
+                pass
+        self._fail_all(BatcherClosed("server shutting down"))
+        self._executor.shutdown(wait=drained, cancel_futures=True)
+        return drained
+
+    @property
+    def healthy(self) -> bool:
+        return self._task is not None and not self._task.done() and self.failure is None
+
+    @property
+    def accepting(self) -> bool:
+        return self.healthy and not self._closing
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def incoming(self) -> int:
+        return self._incoming
+
+    def retry_after_s(self) -> float:
+        """A client-facing estimate of when the queue will have room again (>= 1 s)."""
+        batches_ahead = math.ceil(len(self._pending) / self.max_batch_size)
+        return max(1.0, math.ceil(batches_ahead * self._avg_batch_s))
+
+    # ----------------------------------------------------------------- submit
+    def announce(self) -> Arrival:
+        """Tell the worker an item is on its way (close the Arrival, or submit with it)."""
+        self._incoming += 1
+        return Arrival(self)
+
+    async def submit(self, item: T, timeout_s: float, arrival: Arrival | None = None) -> Completed[R]:
+        """Enqueue ``item`` and wait for its result, at most ``timeout_s`` seconds.
+
+        Raises QueueFull, BatcherClosed, DeadlineExceeded, BatchFailed, or the item's own
+        exception. Cancelling the awaiting task withdraws the item if it has not run yet.
+        """
+        try:
+            if not self.accepting:
+                raise BatcherClosed("server is not accepting requests")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(self.retry_after_s())
+            loop = asyncio.get_running_loop()
+            now = time.monotonic()
+            pending = _Pending(item, loop.create_future(), now + timeout_s, now)
+            self._pending.append(pending)
+        finally:
+            if arrival is not None:
+                arrival.close()
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.future), timeout_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no result within {timeout_s:g}s") from None
+        finally:
+            if not pending.future.done():
+                pending.future.cancel()  # timed out or caller went away: skip it
+
+    # ----------------------------------------------------------------- worker
+    async def _worker(self) -> None:
+        inflight: asyncio.Task | None = None
+        try:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        break
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                await self._gather()
+                if inflight is not None:
+                    # The device is busy: items keep arriving while we wait, so the batch
+                    # taken below grows with load instead of queueing tiny batches.
+                    await asyncio.wait([inflight])
+                    inflight = None
+                batch = self._take_batch()
+                if batch:
+                    inflight = asyncio.create_task(self._run_batch(batch))
+            if inflight is not None:
+                await inflight
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a bug in the loop itself: fail fast, not hang
+            log.exception("batch worker died")
+            self.failure = e
+            self._fail_all(BatcherClosed("batch worker died"))
+            raise
+
+    async def _gather(self) -> None:
+        """Wait for companions of the oldest item while some are announced, until the batch
+        is full or ``max_wait_s`` after that item arrived."""
+        close_at = self._pending[0].enqueued + self.max_wait_s
+        while len(self._pending) < self.max_batch_size and self._incoming > 0 and not self._closing:
+            remaining = close_at - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        now = time.monotonic()
+        while self._pending and len(batch) < self.max_batch_size:
+            p = self._pending.popleft()
+            if p.future.done():  # cancelled: the caller timed out or disconnected
+                continue
+            if now >= p.deadline:
+                p.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                continue
+            batch.append(p)
+        return batch
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            results = await loop.run_in_executor(self._executor, self.handler, [p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"handler returned {len(results)} results for {len(batch)} items")
+        except Exception as e:
+            log.error("batch of %d failed: %s", len(batch), type(e).__name__, exc_info=e)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(BatchFailed(e))
+            return
+        finally:
+            run_s = time.monotonic() - started
+            self._avg_batch_s = run_s if self._avg_batch_s == 0 else 0.8 * self._avg_batch_s + 0.2 * run_s
+            if self.on_batch is not None:
+                self.on_batch(len(batch), run_s)
+        for p, r in zip(batch, results):
+            if p.future.done():
+                continue
+            if isinstance(r, BaseException):
+                p.future.set_exception(r)
+            else:
+                p.future.set_result(Completed(r, started - p.enqueued, run_s, len(batch)))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        while self._pending:
+            p = self._pending.popleft()
+            if not p.future.done():
+                p.future.set_exception(exc)

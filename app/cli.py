@@ -1,0 +1,49 @@
+"""``vqa-serve``: run the service with uvicorn, draining gracefully on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from .settings import get_settings
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM, first mark the service as draining (readiness 503, new inference requests
+    503 on open keep-alive connections), then let uvicorn stop accepting connections, wait
+    for in-flight requests, and run the lifespan shutdown that drains the batcher."""
+
+    def handle_exit(self, sig, frame) -> None:  # type: ignore[override]
+        app = self.config.loaded_app
+        # loaded_app may be wrapped by uvicorn's proxy-headers middleware.
+        while app is not None and not hasattr(app, "state"):
+            app = getattr(app, "app", None)
+        service = getattr(getattr(app, "state", None), "service", None)
+        if service is not None:
+            service.draining = True
+        super().handle_exit(sig, frame)
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = get_settings()
+    p = argparse.ArgumentParser(prog="vqa-serve", description="Serve the VQA model over HTTP. "
+                                "All settings are VQA_* environment variables (see README).")
+    p.add_argument("--host", default=settings.host)
+    p.add_argument("--port", type=int, default=settings.port)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = uvicorn.Config(
+        "app.main:app", host=args.host, port=args.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
+        # Requests are small and answered fast; a long keep-alive only holds sockets open.
+        timeout_keep_alive=5,
+    )
+    server = DrainingServer(config)
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

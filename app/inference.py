@@ -1,0 +1,118 @@
+"""The batch handler: what the batching worker runs on its device thread.
+
+Glue between the generic batcher and the torch predictor: merges jobs about the same image
+(so it is encoded once per batch), fills the image-feature cache, splits a batch that runs out
+of GPU memory and retries the halves, and fails only the jobs whose output is not finite.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from models import ImageAnswers, ImageQuestions, Predictor
+from models.vocab import EncodedQuestion
+
+from .cache import FeatureCache
+
+log = logging.getLogger(__name__)
+
+
+class InferenceError(Exception):
+    """A job failed inside inference; ``kind`` names why (metrics label, error code)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(eq=False)
+class AnswerJob:
+    """One image and its questions, as the service hands it to the batcher."""
+
+    questions: Sequence[EncodedQuestion]
+    pixels: torch.Tensor | None = None  # [3, S, S] normalised, when features is None
+    features: torch.Tensor | None = None  # cached image feature
+    cache_key: bytes | None = None
+    request_id: str = field(default="")
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    )
+
+
+class BatchRunner:
+    """Callable ``jobs -> [ImageAnswers | InferenceError]`` for :class:`DynamicBatcher`."""
+
+    def __init__(self, predictor: Predictor, cache: FeatureCache | None = None,
+                 on_oom_split: Callable[[int], None] | None = None) -> None:
+        self.predictor = predictor
+        self.cache = cache
+        self.on_oom_split = on_oom_split
+        # Test hook: called with the ImageQuestions list before every predictor.run.
+        self.fault_injector: Callable[[list[ImageQuestions]], None] | None = None
+
+    def __call__(self, jobs: Sequence[AnswerJob]) -> list[ImageAnswers | InferenceError]:
+        groups = self._merge(jobs)
+        merged = [g[0] for g in groups]
+        answers = self._run(merged)
+        out: list[ImageAnswers | InferenceError] = [None] * len(jobs)  # type: ignore[list-item]
+        for (req, members), ans in zip(groups, answers):
+            finite = bool(torch.isfinite(ans.probs).all()) and bool(torch.isfinite(ans.features).all())
+            if finite and self.cache is not None and ans.encoded:
+                key = jobs[members[0][0]].cache_key
+                if key is not None:
+                    self.cache.put(key, ans.features)
+            start = 0
+            for idx, n in members:
+                if finite:
+                    out[idx] = ImageAnswers(probs=ans.probs[start : start + n], features=ans.features,
+                                            encoded=ans.encoded)
+                else:
+                    out[idx] = InferenceError("non_finite_output", "the model produced a non-finite output")
+                start += n
+        return out
+
+    @staticmethod
+    def _merge(jobs: Sequence[AnswerJob]) -> list[tuple[ImageQuestions, list[tuple[int, int]]]]:
+        """Group jobs by image (cache key): one ImageQuestions per distinct image, carrying
+        all its questions; members = [(job index, question count)] to split answers back."""
+        by_key: dict[bytes, int] = {}
+        groups: list[tuple[ImageQuestions, list[tuple[int, int]]]] = []
+        for i, job in enumerate(jobs):
+            g = by_key.get(job.cache_key) if job.cache_key is not None else None
+            if g is None:
+                if job.cache_key is not None:
+                    by_key[job.cache_key] = len(groups)
+                groups.append((ImageQuestions(list(job.questions), job.pixels, job.features),
+                               [(i, len(job.questions))]))
+            else:
+                req, members = groups[g]
+                req.questions.extend(job.questions)  # type: ignore[attr-defined]
+                if req.features is None and job.features is not None:
+                    req.features, req.pixels = job.features, None
+                members.append((i, len(job.questions)))
+        return groups
+
+    def _run(self, reqs: list[ImageQuestions]) -> list[ImageAnswers]:
+        try:
+            if self.fault_injector is not None:
+                self.fault_injector(reqs)
+            return self.predictor.run(reqs)
+        except Exception as e:
+            if not is_oom(e) or len(reqs) == 1:
+                raise
+            # Out of memory: free what the failed attempt held, split, retry the halves.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(reqs) // 2
+            log.warning("out of memory on a batch of %d images; retrying as %d + %d",
+                        len(reqs), half, len(reqs) - half)
+            if self.on_oom_split is not None:
+                self.on_oom_split(len(reqs))
+            return self._run(reqs[:half]) + self._run(reqs[half:])

@@ -1,0 +1,41 @@
+"""Prometheus metrics, one registry per app instance (so tests can build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the route)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("vqa_requests", "HTTP requests by route and status",
+                                ["route", "method", "status"], registry=r)
+        self.request_duration = Histogram("vqa_request_duration_seconds", "HTTP request latency",
+                                          ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("vqa_batch_size", "images per forward pass",
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.inference_duration = Histogram("vqa_inference_duration_seconds",
+                                            "forward pass duration (one batch)",
+                                            buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("vqa_queue_depth", "requests waiting for a forward pass", registry=r)
+        self.inflight = Gauge("vqa_inflight_requests", "admitted /v1 requests not yet answered", registry=r)
+        self.cache_hits = Counter("vqa_feature_cache_hits", "image-feature cache hits", registry=r)
+        self.cache_misses = Counter("vqa_feature_cache_misses", "image-feature cache misses", registry=r)
+        self.cache_entries = Gauge("vqa_feature_cache_entries", "image features cached", registry=r)
+        self.rejected = Counter("vqa_rejected", "requests refused before inference, by reason",
+                                ["reason"], registry=r)
+        self.failures = Counter("vqa_inference_failures", "requests failed inside inference, by kind",
+                                ["kind"], registry=r)
+        self.ready = Gauge("vqa_ready", "1 when the model is loaded, warmed up and accepting", registry=r)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference_duration.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,113 @@
+"""ASGI middleware: request ids, metrics, and admission control for the inference routes.
+
+Admission happens *before* the body is read, so an overloaded or draining server refuses in
+microseconds and an oversized upload is cut off at the limit while it streams in (never
+buffered in full, never written to disk in full).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ApiError, error_response
+from .service import VQAService
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+INFERENCE_PREFIX = "/v1/answer"  # /v1/answer and /v1/answers
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once the streamed body passes the limit. An HTTPException, so
+    FastAPI's form parser re-raises it untouched and it renders as a 413 JSON error."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the {limit}-byte limit")
+
+
+class ServiceMiddleware:
+    def __init__(self, app: ASGIApp, service: VQAService) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        supplied = headers.get("x-request-id", "")
+        request_id = supplied if _SAFE_ID.match(supplied) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                MutableHeaders(scope=message).append("x-request-id", request_id)
+            await send(message)
+
+        metrics = self.service.metrics
+        is_inference = scope["method"] == "POST" and scope["path"].startswith(INFERENCE_PREFIX)
+        admitted = False
+        try:
+            if is_inference:
+                refusal = self._admission_error(headers)
+                if refusal is not None:
+                    metrics.rejected.labels(refusal.code).inc()
+                    response = error_response(request_id, refusal.status, refusal.code,
+                                              refusal.message, refusal.headers)
+                    await response(scope, receive, send_with_id)
+                    return
+                admitted = True
+                self.service.inflight += 1
+                receive = self._limit_body(receive, self.service.settings.max_upload_bytes)
+            await self.app(scope, receive, send_with_id)
+        except BodyTooLarge as e:  # raised outside the routed app (e.g. while draining a body)
+            if not response_started:
+                response = error_response(request_id, 413, "payload_too_large", str(e.detail))
+                await response(scope, receive, send_with_id)
+        finally:
+            if admitted:
+                self.service.inflight -= 1
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            metrics.requests.labels(label, scope["method"], str(status)).inc()
+            metrics.request_duration.labels(label).observe(time.perf_counter() - started)
+
+    def _admission_error(self, headers: Headers) -> ApiError | None:
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "multipart/form-data":
+            return ApiError(415, "unsupported_media_type",
+                            "send multipart/form-data with an 'image' file field")
+        limit = self.service.settings.max_upload_bytes
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return ApiError(400, "bad_request", "invalid Content-Length header")
+            if int(length) > limit:
+                return ApiError(413, "payload_too_large", f"request body exceeds the {limit}-byte limit")
+        return self.service.admission_error()
+
+    @staticmethod
+    def _limit_body(receive: Receive, limit: int) -> Receive:
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        return limited

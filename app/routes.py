@@ -1,0 +1,193 @@
+"""HTTP routes: thin translations between HTTP and :class:`VQAService`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Awaitable, TypeVar
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from .errors import ApiError, request_id_of
+from .metrics import CONTENT_TYPE_LATEST
+from .schemas import (
+    AnswerResponse,
+    AnswerScore,
+    BatchingInfo,
+    ErrorResponse,
+    Health,
+    ModelInfo,
+    MultiAnswerResponse,
+    QuestionAnswer,
+    Timing,
+)
+from .service import Asked, VQAService
+
+router = APIRouter()
+STATIC = Path(__file__).resolve().parent / "static"
+T = TypeVar("T")
+
+_ERRORS = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "empty, truncated or unreadable image; malformed form",
+        413: "upload over the byte limit, or image over the pixel limit",
+        415: "not multipart/form-data, or an image format we do not accept",
+        422: "missing field, bad question or top_k",
+        500: "inference failed for this request (quote request_id)",
+        503: "overloaded or not ready; honour Retry-After",
+        504: "no answer within the request timeout",
+    }.items()
+}
+
+
+def get_service(request: Request) -> VQAService:
+    return request.app.state.service
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` but give up (cancelling it) if the client disconnects first, so a request
+    nobody will read is withdrawn from the queue instead of computed."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientGone()
+
+
+async def _read_image(image: UploadFile) -> bytes:
+    data = await image.read()
+    if not data:
+        raise ApiError(400, "empty_image", "the image file is empty")
+    return data
+
+
+def _question_answer(svc: VQAService, enc, probs, top_k: int) -> QuestionAnswer:
+    best = svc.predictor.top_k(probs, top_k)  # type: ignore[union-attr]
+    return QuestionAnswer(
+        question=enc.text, answer=best[0][0], confidence=best[0][1],
+        top_k=[AnswerScore(answer=a, confidence=c) for a, c in best],
+        unknown_words=list(enc.unknown_words),
+    )
+
+
+def _timing(asked: Asked) -> Timing:
+    r = asked.result
+    return Timing(queue_ms=round(r.queued_s * 1000, 3), inference_ms=round(r.run_s * 1000, 3),
+                  total_ms=round(asked.total_s * 1000, 3), batch_size=r.batch_size)
+
+
+# format: binary as well as 3.1's contentMediaType, so every Swagger UI shows a file picker.
+ImageField = Annotated[UploadFile, File(description="the image: PNG, JPEG, WebP, BMP or GIF (first frame)",
+                                        json_schema_extra={"format": "binary"})]
+TopKField = Annotated[int, Form(description="how many ranked answers to return")]
+
+
+@router.post("/v1/answer", response_model=AnswerResponse, responses=_ERRORS, tags=["answer"],
+             summary="Answer one question about an image")
+async def answer(
+    request: Request,
+    image: ImageField,
+    question: Annotated[str, Form(description="a question in English, e.g. 'what color is the shape?'")],
+    top_k: TopKField = 3,
+    svc: VQAService = Depends(get_service),
+):
+    k = svc.check_top_k(top_k)
+    enc = svc.parse_question(question)
+    data = await _read_image(image)
+    try:
+        asked = await unless_disconnected(request, svc.ask(data, [enc], request_id_of(request)))
+    except ClientGone:
+        return Response(status_code=499)
+    qa = _question_answer(svc, enc, asked.result.value.probs[0], k)
+    return AnswerResponse(**qa.model_dump(), model=svc.predictor.name,  # type: ignore[union-attr]
+                          image_cached=asked.cached, timing=_timing(asked))
+
+
+@router.post("/v1/answers", response_model=MultiAnswerResponse, responses=_ERRORS, tags=["answer"],
+             summary="Answer several questions about one image (decoded and encoded once)")
+async def answers(
+    request: Request,
+    image: ImageField,
+    questions: Annotated[list[str], Form(description="one form field per question (repeat the field)")],
+    top_k: TopKField = 3,
+    svc: VQAService = Depends(get_service),
+):
+    k = svc.check_top_k(top_k)
+    if len(questions) > svc.settings.max_questions:
+        raise ApiError(422, "too_many_questions",
+                       f"{len(questions)} questions; the limit is {svc.settings.max_questions}")
+    encoded = [svc.parse_question(q) for q in questions]
+    if not encoded:
+        raise ApiError(422, "empty_question", "at least one question is required")
+    data = await _read_image(image)
+    try:
+        asked = await unless_disconnected(request, svc.ask(data, encoded, request_id_of(request)))
+    except ClientGone:
+        return Response(status_code=499)
+    probs = asked.result.value.probs
+    return MultiAnswerResponse(
+        model=svc.predictor.name,  # type: ignore[union-attr]
+        image_cached=asked.cached,
+        answers=[_question_answer(svc, e, probs[i], k) for i, e in enumerate(encoded)],
+        timing=_timing(asked),
+    )
+
+
+@router.get("/v1/model", response_model=ModelInfo, tags=["model"], summary="What is being served, and how",
+            responses={503: {"model": ErrorResponse}})
+async def model_info(svc: VQAService = Depends(get_service)):
+    p = svc.predictor
+    if p is None:
+        raise ApiError(503, "unavailable", "model loading", headers={"Retry-After": "1"})
+    s = svc.settings
+    info = dict(p.ckpt.info)
+    info.pop("history", None)
+    return ModelInfo(
+        name=p.name, version=svc.version, weights=Path(s.weights).name, device=str(p.device),
+        dtype=p.dtype_name, image_size=p.image_size, answers=list(p.answers.answers),
+        question_vocab_size=len(p.vocab), max_question_chars=s.max_question_chars,
+        max_questions=s.max_questions, feature_cache_entries=s.feature_cache,
+        batching=BatchingInfo(max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+                              max_queue=s.max_queue, request_timeout_s=s.request_timeout_s),
+        training=info,
+    )
+
+
+@router.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness: the process is up")
+async def healthz():
+    return Health(status="alive")
+
+
+@router.get("/readyz", response_model=Health, tags=["ops"], responses={503: {"model": Health}},
+            summary="Readiness: model loaded and warmed up, worker running, not draining")
+async def readyz(svc: VQAService = Depends(get_service)):
+    if svc.ready:
+        return Health(status="ready")
+    return JSONResponse(Health(status="not_ready", detail=svc.not_ready_reason()).model_dump(),
+                        status_code=503)
+
+
+@router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+async def metrics(svc: VQAService = Depends(get_service)):
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", include_in_schema=False)
+async def demo_page():
+    return FileResponse(STATIC / "index.html")

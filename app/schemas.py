@@ -1,0 +1,77 @@
+"""Response bodies (request bodies are multipart forms declared on the routes)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class AnswerScore(BaseModel):
+    answer: str
+    confidence: float = Field(ge=0, le=1, description="softmax probability")
+
+
+class Timing(BaseModel):
+    queue_ms: float = Field(description="waiting for a forward pass (batch gathering + device busy)")
+    inference_ms: float = Field(description="the forward pass this request rode in")
+    total_ms: float = Field(description="request handling, from form parsed to answer")
+    batch_size: int = Field(description="images in that forward pass")
+
+
+class QuestionAnswer(BaseModel):
+    question: str
+    answer: str = Field(description="the most likely answer")
+    confidence: float = Field(ge=0, le=1)
+    top_k: list[AnswerScore] = Field(description="best answers, most likely first")
+    unknown_words: list[str] = Field(description="words of the question the model never saw in training")
+
+
+class AnswerResponse(QuestionAnswer):
+    model: str
+    image_cached: bool = Field(description="image features came from the cache (no image decode/encode)")
+    timing: Timing
+
+
+class MultiAnswerResponse(BaseModel):
+    model: str
+    image_cached: bool
+    answers: list[QuestionAnswer]
+    timing: Timing
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable error code")
+    message: str = Field(description="what went wrong, for a person")
+    request_id: str
+    details: list[dict] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int
+    max_wait_ms: float
+    max_queue: int
+    request_timeout_s: float
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str = Field(description="content hash of the weights file")
+    weights: str = Field(description="weights file name")
+    device: str
+    dtype: str
+    image_size: int
+    answers: list[str]
+    question_vocab_size: int
+    max_question_chars: int
+    max_questions: int
+    feature_cache_entries: int
+    batching: BatchingInfo
+    training: dict = Field(description="facts recorded in the checkpoint at training time")
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None

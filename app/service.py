@@ -1,0 +1,201 @@
+"""The service object: owns the predictor, the batcher, the feature cache and the decode pool,
+and runs one request's pipeline (validate -> decode or cache -> batch -> answer). Routes stay
+thin and only translate HTTP to these calls."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from models import EncodedQuestion, ImageAnswers, Predictor
+from models.vocab import tokenize
+
+from .batcher import (
+    BatcherClosed,
+    BatchFailed,
+    Completed,
+    DeadlineExceeded,
+    DynamicBatcher,
+    QueueFull,
+)
+from .cache import FeatureCache, image_key
+from .errors import ApiError
+from .inference import AnswerJob, BatchRunner, InferenceError
+from .metrics import Metrics
+from .preprocessing import ImageError, decode_image
+from .settings import Settings
+
+log = logging.getLogger("vqa.service")
+
+
+@dataclass
+class Asked:
+    result: Completed[ImageAnswers]
+    cached: bool
+    total_s: float
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+class VQAService:
+    def __init__(self, settings: Settings, metrics: Metrics, predictor: Predictor | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.predictor = predictor
+        self.version = "unknown"
+        self.cache = FeatureCache(settings.feature_cache, int(settings.feature_cache_mb * 1024 * 1024))
+        self.runner: BatchRunner | None = None
+        self.batcher: DynamicBatcher | None = None
+        self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads,
+                                               thread_name_prefix="vqa-decode")
+        self.loaded = False
+        self.draining = False
+        self.inflight = 0  # admitted /v1 requests not yet answered (the admission bound)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        s = self.settings
+        if self.predictor is None:
+            log.info("loading %s on device=%s", s.weights, s.device)
+            self.predictor = await asyncio.to_thread(Predictor.from_file, s.weights, s.device, s.precision)
+            self.version = await asyncio.to_thread(_file_digest, Path(s.weights))
+        p = self.predictor
+        sizes = sorted({min(b, s.max_batch_size) for b in s.warmup_batch_sizes})
+        await asyncio.to_thread(p.warmup, sizes)
+        self.runner = BatchRunner(p, self.cache if self.cache.enabled else None,
+                                  on_oom_split=lambda n: self.metrics.failures.labels("oom_split").inc())
+        self.batcher = DynamicBatcher(self.runner, max_batch_size=s.max_batch_size,
+                                      max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
+                                      on_batch=self.metrics.observe_batch, thread_name="vqa-forward")
+        self.batcher.start()
+        self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth if self.batcher else 0)
+        self.metrics.inflight.set_function(lambda: self.inflight)
+        self.metrics.cache_entries.set_function(lambda: len(self.cache))
+        self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
+        self.loaded = True
+        log.info("ready: model=%s device=%s dtype=%s max_batch_size=%d max_wait_ms=%g",
+                 p.name, p.device, p.dtype_name, s.max_batch_size, s.max_wait_ms)
+
+    async def stop(self) -> None:
+        """Drain: refuse new work, answer everything admitted, then release resources."""
+        self.draining = True
+        if self.batcher is not None:
+            drained = await self.batcher.stop(timeout_s=self.settings.shutdown_timeout_s)
+            log.info("batcher stopped (%s)", "drained" if drained else "drain timed out")
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded and not self.draining and self.batcher is not None and self.batcher.healthy
+
+    def not_ready_reason(self) -> str:
+        if not self.loaded:
+            return "model loading"
+        if self.draining:
+            return "shutting down"
+        return "batch worker not running"
+
+    # ------------------------------------------------------------------ admission
+    def admission_error(self) -> ApiError | None:
+        """Why a new /v1 request must be refused right now (before its body is read)."""
+        if not self.ready:
+            return ApiError(503, "unavailable", f"service not ready: {self.not_ready_reason()}",
+                            headers={"Retry-After": "1"})
+        s = self.settings
+        if self.inflight >= s.max_queue + s.max_batch_size:
+            retry = self.batcher.retry_after_s() if self.batcher else 1.0
+            return ApiError(503, "overloaded", "server is at capacity; retry later",
+                            headers={"Retry-After": f"{retry:.0f}"})
+        return None
+
+    # ------------------------------------------------------------------ request pipeline
+    def parse_question(self, text: str) -> EncodedQuestion:
+        s = self.settings
+        q = text.strip()
+        if not q:
+            raise ApiError(422, "empty_question", "question is empty")
+        if len(q) > s.max_question_chars:
+            raise ApiError(422, "question_too_long",
+                           f"question has {len(q)} characters; the limit is {s.max_question_chars}")
+        if any(unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n\r" for c in q):
+            raise ApiError(422, "invalid_question", "question contains control characters")
+        assert self.predictor is not None
+        if len(tokenize(q)) > self.predictor.max_tokens:
+            raise ApiError(422, "question_too_long",
+                           f"question has more than {self.predictor.max_tokens} words")
+        enc = self.predictor.encode_question(q)
+        if len(enc) == 0:
+            raise ApiError(422, "question_has_no_words", "question contains no words")
+        return enc
+
+    def check_top_k(self, top_k: int) -> int:
+        if not 1 <= top_k <= self.settings.max_top_k:
+            raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {self.settings.max_top_k}")
+        assert self.predictor is not None
+        return min(top_k, len(self.predictor.answers))
+
+    async def ask(self, data: bytes, questions: list[EncodedQuestion], request_id: str) -> Asked:
+        """Answer ``questions`` about the image in ``data`` (decoded once, encoded once)."""
+        assert self.batcher is not None and self.predictor is not None
+        start = time.perf_counter()
+        if not data:
+            raise ApiError(400, "empty_image", "the image file is empty")
+        # Announce before decoding: a batch being gathered may wait for this one.
+        with self.batcher.announce() as arrival:
+            key = image_key(data)
+            features = self.cache.get(key)
+            pixels = None
+            if features is None:
+                if self.cache.enabled:
+                    self.metrics.cache_misses.inc()
+                pixels = await self._decode(data)
+            else:
+                self.metrics.cache_hits.inc()
+            job = AnswerJob(questions=questions, pixels=pixels, features=features, cache_key=key,
+                            request_id=request_id)
+            try:
+                done = await self.batcher.submit(job, self.settings.request_timeout_s, arrival)
+            except QueueFull as e:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise ApiError(503, "overloaded", "request queue is full; retry later",
+                               headers={"Retry-After": f"{e.retry_after_s:.0f}"}) from None
+            except BatcherClosed:
+                raise ApiError(503, "unavailable", "server is shutting down or unhealthy",
+                               headers={"Retry-After": "1"}) from None
+            except DeadlineExceeded:
+                self.metrics.failures.labels("timeout").inc()
+                raise ApiError(504, "timeout",
+                               f"no answer within {self.settings.request_timeout_s:g}s") from None
+            except (BatchFailed, InferenceError) as e:
+                kind = e.kind if isinstance(e, InferenceError) else type(e.cause).__name__
+                self.metrics.failures.labels(kind).inc()
+                log.error("inference failed for request_id=%s: %s", request_id, kind)
+                raise ApiError(500, "inference_failed",
+                               "the model failed on this request; quote the request_id") from None
+        return Asked(done, cached=features is not None, total_s=time.perf_counter() - start)
+
+    async def _decode(self, data: bytes):
+        s = self.settings
+        cfg = self.predictor.model.cfg.image  # type: ignore[union-attr]
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._decode_pool,
+                lambda: decode_image(data, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
+                                     max_pixels=s.max_image_pixels, max_bytes=s.max_upload_bytes),
+            )
+        except ImageError as e:
+            self.metrics.rejected.labels(e.code).inc()
+            raise ApiError(e.status, e.code, str(e)) from None

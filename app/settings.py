@@ -1,0 +1,88 @@
+"""All service configuration in one typed object, read from ``VQA_*`` environment variables.
+
+Defaults serve the shipped easy-VQA weights with no variable set.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "easy-vqa.safetensors"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VQA_", env_file=None, extra="ignore")
+
+    # model
+    weights: Path = Field(DEFAULT_WEIGHTS, description="checkpoint file (safetensors) to serve")
+    device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    precision: str = Field("auto", description="auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, fp16, bf16")
+
+    # batching
+    max_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass, at most")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits for companions after its first item")
+    max_queue: int = Field(256, ge=1, le=100_000, description="admitted requests waiting for the model; beyond it: 503")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="per-request deadline (504 when exceeded)")
+    warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [1], description="batch sizes run once at start-up (comma separated)")
+
+    # input bounds
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest accepted request body, bytes")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted image, width x height")
+    max_question_chars: int = Field(300, ge=1, le=10_000, description="longest accepted question, characters")
+    max_questions: int = Field(16, ge=1, le=256, description="questions per multi-question request, at most")
+    max_top_k: int = Field(20, ge=1, description="largest accepted top_k (also capped by the answer count)")
+
+    # image-feature cache
+    feature_cache: int = Field(4096, ge=0, description="cached image features, entries (0 disables the cache)")
+    feature_cache_mb: float = Field(64.0, ge=0, description="cached image features, megabytes at most")
+
+    # process
+    decode_threads: int = Field(2, ge=1, le=64, description="threads decoding images off the event loop")
+    host: str = Field("127.0.0.1", description="vqa-serve bind address (0.0.0.0 in the container)")
+    port: int = Field(8000, ge=0, le=65535, description="vqa-serve port")
+    log_level: str = Field("info", description="log level: debug, info, warning, error")
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful drain on SIGTERM, seconds at most")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="allowed CORS origins, comma separated (empty: CORS closed)")
+
+    @field_validator("warmup_batch_sizes", mode="before")
+    @classmethod
+    def _parse_int_list(cls, v):
+        if isinstance(v, str):
+            return [int(x) for x in v.replace(" ", "").split(",") if x]
+        return v
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_str_list(cls, v):
+        if isinstance(v, str):
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ValueError("log_level must be one of critical, error, warning, info, debug, trace")
+        return v
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

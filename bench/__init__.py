@@ -1,0 +1,1 @@
+"""Benchmarks and load generators for vqa-serve (see docs/performance.md)."""

@@ -1,0 +1,86 @@
+"""Start the real service (``vqa-serve``, uvicorn, as users run it) in a child process.
+
+Used by the benchmarks and by the tests that need a real server: a free port, the ``VQA_*``
+settings as environment variables, readiness polling, and a clean stop with a signal.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``with ServerProcess({"VQA_MAX_BATCH_SIZE": "1"}) as srv: httpx.get(srv.url + "/readyz")``"""
+
+    def __init__(self, settings: dict[str, str] | None = None, port: int | None = None,
+                 log_path: Path | None = None, ready_timeout_s: float = 120) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "VQA_HOST": "127.0.0.1", "VQA_PORT": str(self.port),
+                    "VQA_LOG_LEVEL": "warning", **(settings or {})}
+        self.log_path = log_path
+        self.ready_timeout_s = ready_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self) -> "ServerProcess":
+        self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=REPO, env=self.env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} before ready"
+                                   + (f"; log: {self.log_path}" if self.log_path else ""))
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready within {self.ready_timeout_s}s")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+        """Send ``sig`` and wait for the exit code (SIGKILL after ``timeout_s``)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,278 @@
+"""The batching worker alone: no HTTP, no torch. Each policy in app/batcher.py's docstring."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from app.batcher import (
+    BatcherClosed,
+    BatchFailed,
+    DeadlineExceeded,
+    DynamicBatcher,
+    QueueFull,
+)
+
+# Generous liveness guard for awaits that must finish (not a performance threshold).
+GUARD_S = 30
+
+
+class Recorder:
+    """A handler that records batches and can be held busy to let a queue build up."""
+
+    def __init__(self, fail_on: set | None = None) -> None:
+        self.batches: list[list] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self.fail_on = fail_on or set()
+
+    def __call__(self, items):
+        self.started.set()
+        self.gate.wait(GUARD_S)
+        self.batches.append(list(items))
+        if any(i in self.fail_on for i in items):
+            raise RuntimeError("boom")
+        return [ValueError(f"bad {i}") if i == "bad" else f"answer:{i}" for i in items]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, GUARD_S))
+
+
+def make(handler, **kw) -> DynamicBatcher:
+    kw.setdefault("max_batch_size", 8)
+    kw.setdefault("max_wait_s", 0.05)
+    kw.setdefault("max_queue", 64)
+    b = DynamicBatcher(handler, **kw)
+    b.start()
+    return b
+
+
+async def _busy(b: DynamicBatcher, rec: Recorder) -> asyncio.Task:
+    """Occupy the device with one item so that later submissions queue up behind it."""
+    rec.gate.clear()
+    rec.started.clear()
+    task = asyncio.create_task(b.submit("blocker", GUARD_S))
+    await asyncio.to_thread(rec.started.wait, GUARD_S)
+    return task
+
+
+def test_concurrent_items_share_one_batch_and_get_their_own_results():
+    async def main():
+        rec = Recorder()
+        b = make(rec, max_wait_s=5)
+        arrivals = [b.announce() for _ in range(6)]
+        results = await asyncio.gather(*[b.submit(i, GUARD_S, a) for i, a in enumerate(arrivals)])
+        await b.stop()
+        return rec, results
+
+    rec, results = run(main())
+    assert [r.value for r in results] == [f"answer:{i}" for i in range(6)]
+    assert rec.batches == [list(range(6))]
+    assert all(r.batch_size == 6 for r in results)
+
+
+def test_batch_closes_at_max_batch_size():
+    async def main():
+        rec = Recorder()
+        b = make(rec, max_batch_size=4, max_wait_s=5)
+        blocker = await _busy(b, rec)
+        tasks = [asyncio.create_task(b.submit(i, GUARD_S)) for i in range(10)]
+        await asyncio.sleep(0)
+        rec.gate.set()
+        await asyncio.gather(blocker, *tasks)
+        await b.stop()
+        return rec
+
+    rec = run(main())
+    assert [len(x) for x in rec.batches] == [1, 4, 4, 2]
+    assert sum(rec.batches[1:], []) == list(range(10))
+
+
+def test_lone_item_does_not_wait_for_companions_that_are_not_coming():
+    async def main():
+        rec = Recorder()
+        b = make(rec, max_wait_s=3600)  # an hour: only the no-idle-wait rule can finish this
+        r = await b.submit("alone", GUARD_S)
+        await b.stop()
+        return r
+
+    assert run(main()).value == "answer:alone"
+
+
+def test_announced_item_is_waited_for():
+    async def main():
+        rec = Recorder()
+        b = make(rec, max_wait_s=3600)
+        coming = b.announce()
+        first = asyncio.create_task(b.submit("first", GUARD_S))
+        await asyncio.sleep(0.05)
+        assert not rec.batches  # still gathering: an item is announced
+        second = await b.submit("second", GUARD_S, coming)
+        await first
+        await b.stop()
+        return rec, second
+
+    rec, second = run(main())
+    assert rec.batches == [["first", "second"]]
+    assert second.batch_size == 2
+
+
+def test_abandoned_announcement_releases_the_batch():
+    async def main():
+        rec = Recorder()
+        b = make(rec, max_wait_s=3600)
+        coming = b.announce()
+        first = asyncio.create_task(b.submit("first", GUARD_S))
+        await asyncio.sleep(0.05)
+        coming.close()  # e.g. that request's image failed to decode
+        r = await first
+        await b.stop()
+        return r
+
+    assert run(main()).batch_size == 1
+
+
+def test_full_queue_refuses_at_once_then_recovers():
+    async def main():
+        rec = Recorder()
+        b = make(rec, max_queue=3, max_batch_size=2)
+        blocker = await _busy(b, rec)
+        queued = [asyncio.create_task(b.submit(i, GUARD_S)) for i in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as info:
+            await b.submit("overflow", GUARD_S)
+        assert info.value.retry_after_s >= 1
+        rec.gate.set()
+        await asyncio.gather(blocker, *queued)
+        after = await b.submit("after", GUARD_S)
+        await b.stop()
+        return rec, after
+
+    rec, after = run(main())
+    assert after.value == "answer:after"
+    assert "overflow" not in sum(rec.batches, [])
+
+
+def test_handler_failure_fails_only_that_batch():
+    async def main():
+        rec = Recorder(fail_on={"poison"})
+        b = make(rec)
+        with pytest.raises(BatchFailed) as info:
+            await b.submit("poison", GUARD_S)
+        assert isinstance(info.value.cause, RuntimeError)
+        ok = await b.submit("fine", GUARD_S)
+        healthy = b.healthy
+        await b.stop()
+        return ok, healthy
+
+    ok, healthy = run(main())
+    assert ok.value == "answer:fine" and healthy
+
+
+def test_item_exception_fails_only_that_item():
+    async def main():
+        rec = Recorder()
+        b = make(rec, max_wait_s=5)
+        a1, a2 = b.announce(), b.announce()
+        results = await asyncio.gather(b.submit("bad", GUARD_S, a1), b.submit("good", GUARD_S, a2),
+                                       return_exceptions=True)
+        await b.stop()
+        return rec, results
+
+    rec, (bad, good) = run(main())
+    assert rec.batches == [["bad", "good"]]
+    assert isinstance(bad, ValueError) and good.value == "answer:good"
+
+
+def test_expired_items_are_never_computed():
+    async def main():
+        rec = Recorder()
+        b = make(rec)
+        blocker = await _busy(b, rec)
+        with pytest.raises(DeadlineExceeded):
+            await b.submit("late", 0.05)
+        rec.gate.set()
+        await blocker
+        await b.submit("next", GUARD_S)
+        await b.stop()
+        return rec
+
+    rec = run(main())
+    assert "late" not in sum(rec.batches, [])
+
+
+def test_cancelled_items_are_skipped():
+    async def main():
+        rec = Recorder()
+        b = make(rec)
+        blocker = await _busy(b, rec)
+        gone = asyncio.create_task(b.submit("gone", GUARD_S))
+        stays = asyncio.create_task(b.submit("stays", GUARD_S))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # the client hung up
+        rec.gate.set()
+        await asyncio.gather(blocker, stays)
+        await b.stop()
+        return rec
+
+    rec = run(main())
+    flat = sum(rec.batches, [])
+    assert "gone" not in flat and "stays" in flat
+
+
+def test_stop_drains_admitted_items_then_refuses():
+    async def main():
+        rec = Recorder()
+        b = make(rec, max_batch_size=2)
+        blocker = await _busy(b, rec)
+        tasks = [asyncio.create_task(b.submit(i, GUARD_S)) for i in range(5)]
+        await asyncio.sleep(0)
+        stopping = asyncio.create_task(b.stop(timeout_s=GUARD_S))
+        await asyncio.sleep(0.01)
+        with pytest.raises(BatcherClosed):
+            await b.submit("too late", GUARD_S)
+        rec.gate.set()
+        results = await asyncio.gather(blocker, *tasks)
+        return await stopping, results
+
+    drained, results = run(main())
+    assert drained
+    assert [r.value for r in results[1:]] == [f"answer:{i}" for i in range(5)]
+
+
+def test_dead_worker_turns_unhealthy_and_fails_fast():
+    async def main():
+        rec = Recorder()
+        b = make(rec)
+
+        def broken():
+            raise RuntimeError("bug in the gather loop")
+
+        b._take_batch = broken  # type: ignore[method-assign]
+        with pytest.raises(BatcherClosed):
+            await b.submit("x", GUARD_S)
+        assert not b.healthy and not b.accepting
+        with pytest.raises(BatcherClosed):
+            await b.submit("y", GUARD_S)
+        await b.stop()
+
+    run(main())
+
+
+def test_wrong_result_count_is_a_batch_failure():
+    async def main():
+        b = make(lambda items: [])
+        with pytest.raises(BatchFailed):
+            await b.submit("x", GUARD_S)
+        await b.stop()
+
+    run(main())
+
+
+def test_invalid_configuration():
+    with pytest.raises(ValueError):
+        DynamicBatcher(lambda x: x, max_batch_size=0, max_wait_s=0, max_queue=1)
