@@ -72,7 +72,7 @@ class VQAService:
             self.predictor = await asyncio.to_thread(Predictor.from_file, s.weights, s.device, s.precision)
             self.version = await asyncio.to_thread(_file_digest, Path(s.weights))
         p = self.predictor
-        sizes = sorted({min(b, s.max_batch_size) for b in s.warmup_batch_sizes})
+        sizes = sorted({min(b, s.max_batch_size) for b in self.warmup_sizes(p)})
         await asyncio.to_thread(p.warmup, sizes)
         self.runner = BatchRunner(p, self.cache if self.cache.enabled else None,
                                   on_oom_split=lambda n: self.metrics.failures.labels("oom_split").inc())
@@ -87,6 +87,17 @@ class VQAService:
         self.loaded = True
         log.info("ready: model=%s device=%s dtype=%s max_batch_size=%d max_wait_ms=%g",
                  p.name, p.device, p.dtype_name, s.max_batch_size, s.max_wait_ms)
+
+    def warmup_sizes(self, p: Predictor) -> list[int]:
+        if self.settings.warmup_batch_sizes:
+            return self.settings.warmup_batch_sizes
+        if p.device.type != "cuda":
+            return [1]
+        sizes, b = [], 1
+        while b < self.settings.max_batch_size:
+            sizes.append(b)
+            b *= 2
+        return sizes + [self.settings.max_batch_size]
 
     async def stop(self) -> None:
         """Drain: refuse new work, answer everything admitted, then release resources."""

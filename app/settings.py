@@ -30,7 +30,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, le=100_000, description="admitted requests waiting for the model; beyond it: 503")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="per-request deadline (504 when exceeded)")
     warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
-        default_factory=lambda: [1], description="batch sizes run once at start-up (comma separated)")
+        default_factory=list, description="batch sizes run once at start-up, comma separated; empty: "
+        "every power of two up to max_batch_size on CUDA (cuDNN autotunes per shape), 1 on CPU")
 
     # input bounds
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest accepted request body, bytes")
