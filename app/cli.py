@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 import uvicorn
 
@@ -11,9 +12,15 @@ from .settings import get_settings
 
 
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM, first mark the service as draining (readiness 503, new inference requests
-    503 on open keep-alive connections), then let uvicorn stop accepting connections, wait
-    for in-flight requests, and run the lifespan shutdown that drains the batcher."""
+    """On SIGTERM/SIGINT, first mark the service as draining (readiness 503, new inference
+    requests 503 on open keep-alive connections), then let uvicorn stop accepting connections,
+    wait for in-flight requests, and run the lifespan shutdown that drains the batcher.
+
+    A drained shutdown exits with status 0. (Plain uvicorn re-raises the signal after its
+    shutdown, so outside a container the process would die of SIGTERM even though nothing
+    was lost; as PID 1 in a container the kernel ignores that re-raise anyway.) A second
+    SIGINT still forces an immediate exit, as in uvicorn.
+    """
 
     def handle_exit(self, sig, frame) -> None:  # type: ignore[override]
         app = self.config.loaded_app
@@ -23,7 +30,10 @@ class DrainingServer(uvicorn.Server):
         service = getattr(getattr(app, "state", None), "service", None)
         if service is not None:
             service.draining = True
-        super().handle_exit(sig, frame)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
 
 
 def main(argv: list[str] | None = None) -> None:
