@@ -76,10 +76,15 @@ class ImageAnswers:
 
 
 class Predictor:
-    def __init__(self, ckpt: Checkpoint, device: str = "auto", precision: str = "auto") -> None:
+    def __init__(self, ckpt: Checkpoint, device: str = "auto", precision: str = "auto",
+                 channels_last: bool | None = None) -> None:
+        """``channels_last`` (NHWC convolutions, faster with tensor cores) defaults to on for
+        CUDA and off for CPU; it can be forced on CPU, which is how tests exercise it."""
         self.ckpt = ckpt
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.pin_memory = self.device.type == "cuda"
         self.model = ckpt.model.to(self.device).eval()
         self.vocab = ckpt.vocab
         self.answers = ckpt.answers
@@ -87,6 +92,7 @@ class Predictor:
         if self.device.type == "cuda":
             # Fixed input shapes: let cuDNN pick the fastest conv algorithms once per shape.
             torch.backends.cudnn.benchmark = True
+        if self.channels_last:
             self.model.image_encoder.to(memory_format=torch.channels_last)
 
     @classmethod
@@ -114,19 +120,20 @@ class Predictor:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
+        if self.pin_memory:
             # Pinned host memory makes the copy asynchronous w.r.t. the host thread.
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
+    def _images_to_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self._to_device(pixels)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, embed] float32 unit features on the CPU."""
-        x = self._to_device(pixels)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            feats = self.model.encode_images(x)
+            feats = self.model.encode_images(self._images_to_device(pixels))
         return feats.float().cpu()
 
     @torch.inference_mode()
@@ -139,10 +146,7 @@ class Predictor:
         with self._autocast():
             if to_encode:
                 pixels = torch.stack([requests[i].pixels for i in to_encode])  # type: ignore[misc]
-                x = self._to_device(pixels)
-                if self.device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                encoded = self.model.encode_images(x).float()
+                encoded = self.model.encode_images(self._images_to_device(pixels)).float()
                 for j, i in enumerate(to_encode):
                     features[i] = encoded[j]
             img = torch.stack([f.to(self.device, non_blocking=True) for f in features])  # type: ignore[union-attr]

@@ -82,6 +82,21 @@ def test_bf16_autocast_path_runs_on_cpu(tiny_checkpoint):
     assert len(ref) == 4
 
 
+def test_channels_last_path_gives_the_same_answers(tiny_checkpoint):
+    """The NHWC branch CUDA uses, forced on CPU."""
+    import copy
+
+    x = _images(3, 32)
+    ref = Predictor(copy.deepcopy(tiny_checkpoint), device="cpu", channels_last=False)
+    nhwc = Predictor(copy.deepcopy(tiny_checkpoint), device="cpu", channels_last=True)
+    assert nhwc.model.image_encoder.backbone.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    a = ref.run([ImageQuestions([ref.encode_question(QUESTIONS[0])], pixels=p) for p in x])
+    b = nhwc.run([ImageQuestions([nhwc.encode_question(QUESTIONS[0])], pixels=p) for p in x])
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u.probs, v.probs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ref.encode_images(x), nhwc.encode_images(x), atol=1e-5, rtol=1e-4)
+
+
 def test_device_and_precision_resolution():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
