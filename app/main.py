@@ -6,6 +6,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from fastapi.middleware.cors import CORSMiddleware
 
 from models import Predictor
@@ -39,7 +40,9 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         finally:
             await service.stop()
 
-    app = FastAPI(title="vqa-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # Swagger UI and ReDoc assets are served from the package, not a CDN: /docs must work on
+    # air-gapped GPU hosts too.
+    app = FastAPIOffline(title="vqa-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
     app.state.settings = settings
     install_error_handlers(app)

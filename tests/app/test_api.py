@@ -104,7 +104,8 @@ def test_ops_routes_and_docs():
     async def main():
         async with running_app() as (_, client):
             return {p: await client.get(p) for p in ("/healthz", "/readyz", "/v1/model", "/metrics",
-                                                    "/docs", "/openapi.json", "/")}
+                                                    "/docs", "/openapi.json", "/",
+                                                    "/static-offline-docs/swagger-ui-bundle.js")}
 
     r = run(main())
     assert r["/healthz"].json() == {"status": "alive", "detail": None}
@@ -118,11 +119,13 @@ def test_ops_routes_and_docs():
                  "vqa_queue_depth", "vqa_inference_duration_seconds"):
         assert name in metrics
     assert "swagger-ui" in r["/docs"].text.lower()
+    assert "cdn" not in r["/docs"].text  # assets are served locally (air-gapped hosts)
     schema = r["/openapi.json"].json()
     image_field = schema["components"]["schemas"]["Body_answer_v1_answer_post"]["properties"]["image"]
     assert image_field["format"] == "binary"
     assert "multipart/form-data" in schema["paths"]["/v1/answer"]["post"]["requestBody"]["content"]
     assert "<form" in r["/"].text
+    assert r["/static-offline-docs/swagger-ui-bundle.js"].status_code == 200
 
 
 def test_readiness_is_503_before_start_and_while_draining():
