@@ -13,7 +13,8 @@ Policies, each tested in ``tests/app/test_batcher.py``:
   coming: the batch waits only while callers have *announced* an item that is on its way
   (``announce()``: e.g. a request whose image is being decoded).
 * **Deadlines.** Every item has one; expired items are failed with :class:`DeadlineExceeded`
-  and never computed. Items whose caller went away (cancelled) are skipped.
+  and never computed. Items whose caller went away (cancelled) are skipped. Each item skipped
+  either way is reported to ``on_skip(reason)`` ("expired" or "cancelled") when it is dropped.
 * **Fault isolation.** If the handler raises, only that batch fails (:class:`BatchFailed`);
   a result that is an exception instance fails only its own item. The worker lives on.
 * **Drain.** ``stop()`` refuses new items, finishes every admitted one, then returns.
@@ -78,6 +79,7 @@ class _Pending:
     future: asyncio.Future
     deadline: float
     enqueued: float
+    withdrawn: str = "cancelled"  # why, if it is withdrawn before its batch: or "expired"
 
 
 @dataclass(eq=False)
@@ -112,6 +114,7 @@ class DynamicBatcher(Generic[T, R]):
         max_wait_s: float,
         max_queue: int,
         on_batch: Callable[[int, float], None] | None = None,
+        on_skip: Callable[[str], None] | None = None,
         thread_name: str = "batch-worker",
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
@@ -121,6 +124,7 @@ class DynamicBatcher(Generic[T, R]):
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.on_skip = on_skip
         self._pending: deque[_Pending] = deque()
         self._incoming = 0
         self._wakeup = asyncio.Event()
@@ -202,6 +206,7 @@ class DynamicBatcher(Generic[T, R]):
         try:
             return await asyncio.wait_for(asyncio.shield(pending.future), timeout_s)
         except asyncio.TimeoutError:
+            pending.withdrawn = "expired"
             raise DeadlineExceeded(f"no result within {timeout_s:g}s") from None
         finally:
             if not pending.future.done():
@@ -257,9 +262,11 @@ class DynamicBatcher(Generic[T, R]):
         while self._pending and len(batch) < self.max_batch_size:
             p = self._pending.popleft()
             if p.future.done():  # cancelled: the caller timed out or disconnected
+                self._skipped(p.withdrawn)
                 continue
             if now >= p.deadline:
                 p.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                self._skipped("expired")
                 continue
             batch.append(p)
         return batch
@@ -289,6 +296,10 @@ class DynamicBatcher(Generic[T, R]):
                 p.future.set_exception(r)
             else:
                 p.future.set_result(Completed(r, started - p.enqueued, run_s, len(batch)))
+
+    def _skipped(self, reason: str) -> None:
+        if self.on_skip is not None:
+            self.on_skip(reason)
 
     def _fail_all(self, exc: BaseException) -> None:
         while self._pending:

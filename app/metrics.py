@@ -29,6 +29,9 @@ class Metrics:
         self.cache_entries = Gauge("vqa_feature_cache_entries", "image features cached", registry=r)
         self.rejected = Counter("vqa_rejected", "requests refused before inference, by reason",
                                 ["reason"], registry=r)
+        self.skipped = Counter("vqa_skipped", "admitted requests dropped from the queue before their forward "
+                               "pass, by reason (client_gone: the client disconnected; deadline: timed out)",
+                               ["reason"], registry=r)
         self.failures = Counter("vqa_inference_failures", "requests failed inside inference, by kind",
                                 ["kind"], registry=r)
         self.ready = Gauge("vqa_ready", "1 when the model is loaded, warmed up and accepting", registry=r)

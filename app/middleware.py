@@ -7,6 +7,7 @@ buffered in full, never written to disk in full).
 
 from __future__ import annotations
 
+import codecs
 import re
 import time
 import uuid
@@ -20,6 +21,18 @@ from .service import VQAService
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 INFERENCE_PREFIX = "/v1/answer"  # /v1/answer and /v1/answers
+
+
+def _utf8_charset(params: list[str]) -> bool:
+    """True unless the Content-Type parameters declare a charset other than UTF-8 (or ASCII)."""
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            try:
+                return codecs.lookup(value.strip().strip('"')).name in ("utf-8", "ascii")
+            except LookupError:
+                return False
+    return True
 
 
 class BodyTooLarge(HTTPException):
@@ -84,10 +97,14 @@ class ServiceMiddleware:
             metrics.request_duration.labels(label).observe(time.perf_counter() - started)
 
     def _admission_error(self, headers: Headers) -> ApiError | None:
-        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "multipart/form-data":
+        media_type, *params = headers.get("content-type", "").split(";")
+        if media_type.strip().lower() != "multipart/form-data":
             return ApiError(415, "unsupported_media_type",
                             "send multipart/form-data with an 'image' file field")
+        if not _utf8_charset(params):
+            # The form parser would decode every field with the declared codec (and fall back to
+            # latin-1 for unknown ones): a question in UTF-16 becomes garbage, not a 4xx.
+            return ApiError(415, "unsupported_charset", "send form fields as UTF-8 (charset=utf-8 or none)")
         limit = self.service.settings.max_upload_bytes
         length = headers.get("content-length")
         if length is not None:

@@ -103,7 +103,9 @@ TopKField = Annotated[int, Form(description="how many ranked answers to return")
 async def answer(
     request: Request,
     image: ImageField,
-    question: Annotated[str, Form(description="a question in English, e.g. 'what color is the shape?'")],
+    # min_length documents what FastAPI already does (an empty form field counts as missing).
+    question: Annotated[str, Form(min_length=1,
+                                  description="a question in English, e.g. 'what color is the shape?'")],
     top_k: TopKField = 3,
     svc: VQAService = Depends(get_service),
 ):
@@ -183,7 +185,9 @@ async def readyz(svc: VQAService = Depends(get_service)):
                         status_code=503)
 
 
-@router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(svc: VQAService = Depends(get_service)):
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -78,7 +78,8 @@ class VQAService:
                                   on_oom_split=lambda n: self.metrics.failures.labels("oom_split").inc())
         self.batcher = DynamicBatcher(self.runner, max_batch_size=s.max_batch_size,
                                       max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
-                                      on_batch=self.metrics.observe_batch, thread_name="vqa-forward")
+                                      on_batch=self.metrics.observe_batch, on_skip=self._count_skip,
+                                      thread_name="vqa-forward")
         self.batcher.start()
         self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth if self.batcher else 0)
         self.metrics.inflight.set_function(lambda: self.inflight)
@@ -87,6 +88,12 @@ class VQAService:
         self.loaded = True
         log.info("ready: model=%s device=%s dtype=%s max_batch_size=%d max_wait_ms=%g",
                  p.name, p.device, p.dtype_name, s.max_batch_size, s.max_wait_ms)
+
+    def _count_skip(self, reason: str) -> None:
+        # A queued request is cancelled when its route sees the client hang up (or, rarely, when
+        # the shutdown grace period runs out); "expired" ones passed their deadline.
+        label = {"cancelled": "client_gone", "expired": "deadline"}.get(reason, reason)
+        self.metrics.skipped.labels(label).inc()
 
     def warmup_sizes(self, p: Predictor) -> list[int]:
         if self.settings.warmup_batch_sizes:
@@ -192,7 +199,9 @@ class VQAService:
             except (BatchFailed, InferenceError) as e:
                 kind = e.kind if isinstance(e, InferenceError) else type(e.cause).__name__
                 self.metrics.failures.labels(kind).inc()
-                log.error("inference failed for request_id=%s: %s", request_id, kind)
+                # The traceback goes to the log keyed by the request id the client was given.
+                log.error("inference failed for request_id=%s: %s", request_id, kind,
+                          exc_info=e.cause if isinstance(e, BatchFailed) else None)
                 raise ApiError(500, "inference_failed",
                                "the model failed on this request; quote the request_id") from None
         return Asked(done, cached=features is not None, total_s=time.perf_counter() - start)

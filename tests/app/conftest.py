@@ -59,3 +59,13 @@ def form(image: bytes, question: str | None = None, **fields):
     if question is not None:
         data["question"] = question
     return {"files": files, "data": data}
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """One real ``vqa-serve`` process (uvicorn, a free port, CPU, 1 MB upload limit) shared by
+    the tests that only need *a* live server: fuzzing, raw-socket uploads, the small soak."""
+    from bench.server import ServerProcess
+
+    with ServerProcess({"VQA_DEVICE": "cpu", "VQA_MAX_UPLOAD_BYTES": str(1024 * 1024)}) as srv:
+        yield srv
