@@ -132,6 +132,7 @@ class DynamicBatcher(Generic[T, R]):
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self._avg_batch_s = 0.0
+        self._running_since: float | None = None  # start of the forward pass in progress
         self.failure: BaseException | None = None  # set if the worker loop itself died
 
     # ----------------------------------------------------------------- lifecycle
@@ -164,6 +165,13 @@ class DynamicBatcher(Generic[T, R]):
     @property
     def accepting(self) -> bool:
         return self.healthy and not self._closing
+
+    @property
+    def busy_s(self) -> float:
+        """How long the forward pass in progress has been running (0 when idle): a watchdog
+        for a wedged device, which would otherwise look healthy while every request times out."""
+        started = self._running_since
+        return 0.0 if started is None else time.monotonic() - started
 
     @property
     def queue_depth(self) -> int:
@@ -273,7 +281,7 @@ class DynamicBatcher(Generic[T, R]):
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
-        started = time.monotonic()
+        started = self._running_since = time.monotonic()
         try:
             results = await loop.run_in_executor(self._executor, self.handler, [p.item for p in batch])
             if len(results) != len(batch):
@@ -285,6 +293,7 @@ class DynamicBatcher(Generic[T, R]):
                     p.future.set_exception(BatchFailed(e))
             return
         finally:
+            self._running_since = None
             run_s = time.monotonic() - started
             self._avg_batch_s = run_s if self._avg_batch_s == 0 else 0.8 * self._avg_batch_s + 0.2 * run_s
             if self.on_batch is not None:

@@ -7,6 +7,7 @@ buffered in full, never written to disk in full).
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import re
 import time
@@ -41,6 +42,14 @@ class BodyTooLarge(HTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body exceeds the {limit}-byte limit")
+
+
+class BodyTimeout(HTTPException):
+    """Raised from ``receive`` when the body has not fully arrived by its deadline: a client
+    trickling bytes would otherwise hold an admission slot for as long as it likes."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {seconds:g}s")
 
 
 class ServiceMiddleware:
@@ -82,11 +91,13 @@ class ServiceMiddleware:
                     return
                 admitted = True
                 self.service.inflight += 1
-                receive = self._limit_body(receive, self.service.settings.max_upload_bytes)
+                settings = self.service.settings
+                receive = self._limit_body(receive, settings.max_upload_bytes, settings.body_timeout_s)
             await self.app(scope, receive, send_with_id)
-        except BodyTooLarge as e:  # raised outside the routed app (e.g. while draining a body)
+        except (BodyTooLarge, BodyTimeout) as e:  # raised outside the routed app
             if not response_started:
-                response = error_response(request_id, 413, "payload_too_large", str(e.detail))
+                code = "payload_too_large" if isinstance(e, BodyTooLarge) else "request_timeout"
+                response = error_response(request_id, e.status_code, code, str(e.detail))
                 await response(scope, receive, send_with_id)
         finally:
             if admitted:
@@ -115,16 +126,29 @@ class ServiceMiddleware:
         return self.service.admission_error()
 
     @staticmethod
-    def _limit_body(receive: Receive, limit: int) -> Receive:
+    def _limit_body(receive: Receive, limit: int, timeout_s: float) -> Receive:
+        """``receive`` that raises BodyTooLarge past ``limit`` bytes and BodyTimeout if the body
+        is not complete ``timeout_s`` after the first read. Once the body is complete, calls
+        pass straight through (the disconnect watcher waits on them indefinitely)."""
         seen = 0
+        complete = False
+        deadline: float | None = None
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete, deadline
+            if complete:
+                return await receive()
+            if deadline is None:
+                deadline = time.monotonic() + timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(timeout_s) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise BodyTooLarge(limit)
+                complete = not message.get("more_body", False)
             return message
 
         return limited

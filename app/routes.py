@@ -32,6 +32,7 @@ _ERRORS = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         400: "empty, truncated or unreadable image; malformed form",
+        408: "the request body did not arrive within VQA_BODY_TIMEOUT_S",
         413: "upload over the byte limit, or image over the pixel limit",
         415: "not multipart/form-data, or an image format we do not accept",
         422: "missing field, bad question or top_k",
@@ -171,9 +172,13 @@ async def model_info(svc: VQAService = Depends(get_service)):
     )
 
 
-@router.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness: the process is up")
-async def healthz():
-    return Health(status="alive")
+@router.get("/healthz", response_model=Health, tags=["ops"], responses={503: {"model": Health}},
+            summary="Liveness: the process is up and its worker is not dead or wedged")
+async def healthz(svc: VQAService = Depends(get_service)):
+    problem = svc.liveness_problem()
+    if problem is None:
+        return Health(status="alive")
+    return JSONResponse(Health(status="unhealthy", detail=problem).model_dump(), status_code=503)
 
 
 @router.get("/readyz", response_model=Health, tags=["ops"], responses={503: {"model": Health}},

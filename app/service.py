@@ -116,14 +116,32 @@ class VQAService:
 
     @property
     def ready(self) -> bool:
-        return self.loaded and not self.draining and self.batcher is not None and self.batcher.healthy
+        return (self.loaded and not self.draining and self.batcher is not None and self.batcher.healthy
+                and not self.stalled(1))
+
+    def stalled(self, factor: float) -> bool:
+        """The forward pass in progress has run longer than ``factor`` request timeouts."""
+        return self.batcher is not None and self.batcher.busy_s > factor * self.settings.request_timeout_s
 
     def not_ready_reason(self) -> str:
         if not self.loaded:
             return "model loading"
         if self.draining:
             return "shutting down"
+        if self.stalled(1):
+            return f"forward pass stalled for {self.batcher.busy_s:.0f}s"  # type: ignore[union-attr]
         return "batch worker not running"
+
+    def liveness_problem(self) -> str | None:
+        """Why the process should be restarted, if it should: the worker died, or one forward
+        pass has been stuck for three request timeouts (a wedged GPU, a deadlock)."""
+        if self.batcher is None:
+            return None  # still loading: readiness, not liveness, covers that
+        if self.batcher.failure is not None:
+            return "batch worker died"
+        if self.stalled(3):
+            return f"forward pass stuck for {self.batcher.busy_s:.0f}s"
+        return None
 
     # ------------------------------------------------------------------ admission
     def admission_error(self) -> ApiError | None:

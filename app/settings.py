@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits for companions after its first item")
     max_queue: int = Field(256, ge=1, le=100_000, description="admitted requests waiting for the model; beyond it: 503")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="per-request deadline (504 when exceeded)")
+    body_timeout_s: float = Field(60.0, gt=0, le=3600, description="the whole request body must arrive within this (408)")
     warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
         default_factory=list, description="batch sizes run once at start-up, comma separated; empty: "
         "every power of two up to max_batch_size on CUDA (cuDNN autotunes per shape), 1 on CPU")

@@ -347,6 +347,10 @@ def test_deadline_gives_504_and_server_recovers():
             app.state.service.runner.fault_injector = slow
             r = await client.post("/v1/answer", **form(png_bytes(), "what shape"))
             gate.set()
+            # A forward pass past the request timeout turns readiness (and admission) off until
+            # it returns; wait for that, as a load balancer would.
+            while (await client.get("/readyz")).status_code != 200:
+                await asyncio.sleep(0.01)
             ok = await client.post("/v1/answer", **form(png_bytes(), "what shape"))
             return r, ok
 

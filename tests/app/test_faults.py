@@ -63,7 +63,8 @@ def test_dead_worker_turns_not_ready_and_fails_fast(caplog):
         assert r.headers["retry-after"]
     assert ready.status_code == 503 and ready.json()["detail"] == "batch worker not running"
     assert_error(refused, 503, "unavailable")  # refused at admission from now on
-    assert health.status_code == 200  # alive (for the orchestrator to restart), not ready
+    # not alive either: a dead worker never comes back, so the orchestrator must restart us
+    assert health.status_code == 503 and health.json()["detail"] == "batch worker died"
     assert "vqa_ready 0.0" in metrics
     died = [r for r in caplog.records if r.getMessage() == "batch worker died"]
     assert died and died[0].exc_info and "bug in the batch loop" in str(died[0].exc_info[1])
@@ -104,3 +105,43 @@ def test_unsafe_request_ids_are_replaced():
     assert ids[3] == "ok-id_1.2"
     for rid in ids[:3]:
         assert len(rid) == 32 and rid.isalnum()
+
+
+def test_wedged_forward_pass_turns_not_ready_then_not_alive_and_recovers():
+    """A forward pass that never returns (wedged GPU, deadlock) must not look healthy:
+    readiness fails past one request timeout, liveness past three (so an orchestrator restarts
+    the process); both recover when the pass completes."""
+    gate, on_device = threading.Event(), threading.Event()
+
+    def wedge(reqs):
+        on_device.set()
+        gate.wait(30)
+
+    async def poll(client, path: str, status: int) -> dict:
+        for _ in range(3000):  # liveness guard: 30 s
+            r = await client.get(path)
+            if r.status_code == status:
+                return r.json()
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{path} never answered {status}")
+
+    async def main():
+        async with running_app(request_timeout_s=0.2) as (app, client):
+            assert (await client.get("/healthz")).status_code == 200
+            app.state.service.runner.fault_injector = wedge
+            stuck = asyncio.create_task(client.post("/v1/answer", **form(png_bytes(), "what shape")))
+            await asyncio.to_thread(on_device.wait, 30)
+            not_ready = await poll(client, "/readyz", 503)
+            not_alive = await poll(client, "/healthz", 503)
+            timed_out = await stuck
+            gate.set()
+            await poll(client, "/readyz", 200)
+            alive = await poll(client, "/healthz", 200)
+            return not_ready, not_alive, timed_out, alive
+
+    not_ready, not_alive, timed_out, alive = run(main())
+    assert not_ready["detail"].startswith("forward pass stalled")
+    assert not_alive == {"status": "unhealthy", "detail": not_alive["detail"]}
+    assert not_alive["detail"].startswith("forward pass stuck")
+    assert_error(timed_out, 504, "timeout")
+    assert alive["status"] == "alive"

@@ -4,8 +4,11 @@ megabyte questions, and a 2 GB upload declared by Content-Length (refused before
 from __future__ import annotations
 
 import asyncio
+import re
 
-from tests.app.conftest import run, running_app
+import httpx
+
+from tests.app.conftest import form, run, running_app
 from tests.app.realserver import raw_request, read_response
 from tests.conftest import png_bytes
 
@@ -133,3 +136,29 @@ def test_2_gb_upload_declared_by_content_length_is_refused_before_its_body(live_
         status, headers, data = asyncio.run(ask(extra))
         assert status == 413, (extra, status, data)
         assert b'"payload_too_large"' in data and headers["x-request-id"].encode() in data
+
+
+def test_a_trickling_body_gets_408_and_frees_its_slot():
+    """A client that sends headers and then trickles (or stalls) its body is cut off with 408
+    after VQA_BODY_TIMEOUT_S, instead of holding an admission slot for as long as it likes."""
+    import socket
+
+    from bench.server import ServerProcess
+
+    with ServerProcess({"VQA_DEVICE": "cpu", "VQA_BODY_TIMEOUT_S": "0.5"}) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            s.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+                      b"--b\r\nContent-Disposition: form-data; name=\"question\"\r\n\r\nwhat")
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b'"code":"request_timeout"' in body
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            assert c.post("/v1/answer", **form(png_bytes(), "what shape")).status_code == 200
+            assert re.search(r'^vqa_requests_total\{[^}]*status="408"\} 1.0$', c.get("/metrics").text, re.M)
