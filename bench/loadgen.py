@@ -1,0 +1,159 @@
+"""Closed-loop async load generator, and accounting of who used the CPU during a cell.
+
+Closed loop: ``concurrency`` workers share one list of prepared requests; each worker sends the
+next unsent request as soon as its previous one has been answered, until the list is empty.
+Throughput is completed requests / wall time of the whole cell; latency is measured per
+request from just before sending to the end of reading the response body.
+
+The generator shares the machine with the server, so it accounts for itself: its own CPU time
+(``time.process_time``, all threads of this process) and the server process's CPU time (from
+``/proc``) over the same wall interval. If its single event-loop thread were the bottleneck it
+would be busy ~100% of the wall time; ``loadgen.core_busy`` shows how far from that it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import httpx
+import numpy as np
+
+from .workloads import PreparedRequest
+
+
+try:  # uvicorn[standard] brings uvloop on Linux: a cheaper event loop for the generator too
+    from uvloop import run as _run_loop
+except ImportError:  # pragma: no cover - other platforms
+    _run_loop = asyncio.run
+
+
+@dataclass
+class Outcome:
+    status: int  # HTTP status; 0 when the request failed without a response
+    latency_s: float
+    content: bytes  # the response body, parsed after the cell (not on the clock)
+
+
+@dataclass
+class _Sent:
+    outcomes: list[Outcome]
+    wall_s: float
+    cpu_s: float  # this process
+    server_cpu_s: float | None
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (all its threads), or None off Linux."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # After the ")" ending the command name, utime and stime are the 12th and 13th fields.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _send_all(base_url: str, requests: Sequence[PreparedRequest], concurrency: int,
+                    timeout_s: float, server_pid: int | None) -> _Sent:
+    outcomes: list[Outcome | None] = [None] * len(requests)
+    queue = iter(range(len(requests)))  # shared: next() never yields to the loop, so no lock
+    # One client (one keep-alive connection) per worker: a single pooled client shared by many
+    # workers costs ~2-3x the CPU per request at concurrency 32+ (httpcore scans its pool on
+    # every request), which would make the generator the bottleneck. Clients and httpx.Request
+    # objects are built before the clock starts (as the bodies were); verify=False: plain HTTP
+    # on loopback, no CA bundle to load per client.
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    clients = [httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits, verify=False)
+               for _ in range(min(concurrency, len(requests)))]
+    built = [clients[0].build_request(r.method, r.path, content=r.body or None,
+                                      headers={"content-type": r.content_type} if r.content_type else None)
+             for r in requests]
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i in queue:
+            started = time.perf_counter()
+            try:
+                r = await client.send(built[i])
+                outcomes[i] = Outcome(r.status_code, time.perf_counter() - started, r.content)
+            except httpx.HTTPError:
+                outcomes[i] = Outcome(0, time.perf_counter() - started, b"")
+
+    try:
+        server0 = process_cpu_seconds(server_pid) if server_pid else None
+        cpu0, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in clients))
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu0
+        server1 = process_cpu_seconds(server_pid) if server_pid else None
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+    server_cpu = server1 - server0 if server0 is not None and server1 is not None else None
+    return _Sent(outcomes, wall, cpu, server_cpu)  # type: ignore[arg-type]
+
+
+def percentiles_ms(values_s: Sequence[float]) -> dict[str, float | None]:
+    if not values_s:
+        return {"p50": None, "p95": None, "p99": None, "mean": None}
+    ms = np.asarray(values_s) * 1000
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "mean": float(ms.mean())}
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def run_cell(base_url: str, requests: Sequence[PreparedRequest], concurrency: int, *,
+             server_pid: int | None = None, timeout_s: float = 600, cpu_count: int | None = None
+             ) -> dict:
+    """Send ``requests`` with ``concurrency`` closed-loop workers; return the cell's numbers
+    (throughput, latency percentiles, server-reported timings, CPU accounting)."""
+    cpu_count = cpu_count or os.cpu_count() or 1
+    sent = _run_loop(_send_all(base_url, requests, concurrency, timeout_s, server_pid))
+    wall, loadgen_cpu, server_cpu = sent.wall_s, sent.cpu_s, sent.server_cpu_s
+
+    ok = [o for o in sent.outcomes if o.status == 200]
+    parsed = [(o, json.loads(o.content)) for o in ok if o.content.startswith(b"{")]
+    bodies = [b for _, b in parsed]
+    timed = [(o.latency_s * 1000, b["timing"]) for o, b in parsed if "timing" in b]
+    n = len(requests)
+    cell = {
+        "concurrency": concurrency,
+        "requests": n,
+        "ok": len(ok),
+        "statuses": {str(k): v for k, v in sorted(Counter(o.status for o in sent.outcomes).items())},
+        "wall_s": wall,
+        "requests_per_s": len(ok) / wall if wall > 0 else None,
+        "latency_ms": percentiles_ms([o.latency_s for o in ok]),
+        "loadgen": {
+            "cpu_s": loadgen_cpu,
+            "cpu_ms_per_request": 1000 * loadgen_cpu / n if n else None,
+            "core_busy": loadgen_cpu / wall if wall > 0 else None,  # fraction of one core
+            "machine_share": loadgen_cpu / (wall * cpu_count) if wall > 0 else None,
+            # The rate its own CPU would allow if it had a whole core: well above the achieved
+            # rate means the generator was waiting for the server, not the other way round.
+            "max_requests_per_s": n / loadgen_cpu if loadgen_cpu > 0 else None,
+        },
+        "server_cpu": None if server_cpu is None else {
+            "cpu_s": server_cpu,
+            "machine_share": server_cpu / (wall * cpu_count) if wall > 0 else None,
+        },
+    }
+    if timed:
+        cell["server_timing_ms"] = {
+            "total_p50": _median([t["total_ms"] for _, t in timed]),
+            "queue_p50": _median([t["queue_ms"] for _, t in timed]),
+            "inference_p50": _median([t["inference_ms"] for _, t in timed]),
+            # What the server's own span does not cover: HTTP, multipart parsing, routing,
+            # response encoding, and the client.
+            "outside_service_p50": _median([lat - t["total_ms"] for lat, t in timed]),
+        }
+        cell["batch_size_mean"] = float(np.mean([t["batch_size"] for _, t in timed]))
+    if bodies and all("image_cached" in b for b in bodies):
+        cell["cache_hit_fraction"] = sum(bool(b["image_cached"]) for b in bodies) / len(bodies)
+    return cell
