@@ -28,7 +28,7 @@ from .cache import FeatureCache, image_key
 from .errors import ApiError
 from .inference import AnswerJob, BatchRunner, InferenceError
 from .metrics import Metrics
-from .preprocessing import ImageError, decode_image
+from .preprocessing import ImageError, decode_pixels
 from .settings import Settings
 
 log = logging.getLogger("vqa.service")
@@ -231,8 +231,8 @@ class VQAService:
         try:
             return await loop.run_in_executor(
                 self._decode_pool,
-                lambda: decode_image(data, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
-                                     max_pixels=s.max_image_pixels, max_bytes=s.max_upload_bytes),
+                lambda: decode_pixels(data, image_size=cfg.image_size, max_pixels=s.max_image_pixels,
+                                      max_bytes=s.max_upload_bytes),
             )
         except ImageError as e:
             self.metrics.rejected.labels(e.code).inc()

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from app.preprocessing import decode_image
+from app.preprocessing import decode_pixels
 from app.settings import Settings
 from models import ImageEncoderConfig, ImageQuestions, Predictor
 
@@ -29,9 +29,9 @@ def _sync(predictor: Predictor) -> None:
 
 def _decoder(cfg: ImageEncoderConfig, settings: Settings):
     """``bytes -> tensor`` exactly as the server decodes an upload (same limits, same size)."""
-    return lambda data: decode_image(data, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
-                                     max_pixels=settings.max_image_pixels,
-                                     max_bytes=settings.max_upload_bytes)
+    return lambda data: decode_pixels(data, image_size=cfg.image_size,
+                                      max_pixels=settings.max_image_pixels,
+                                      max_bytes=settings.max_upload_bytes)
 
 
 def decode_all(cfg: ImageEncoderConfig, images: Sequence[bytes], settings: Settings

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
+from .transforms import normalize
 from .vocab import PAD_ID, EncodedQuestion
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
 
 @dataclass
 class ImageQuestions:
-    """One image (raw ``pixels`` [3, H, W] or a cached ``features`` [E]) and its questions."""
+    """One image and its questions. The image is ``pixels`` [3, H, W] -- uint8 RGB (normalised
+    by the predictor, on the device) or float32 already normalised -- or a cached ``features``
+    [E] from an earlier pass."""
 
     questions: Sequence[EncodedQuestion]
     pixels: torch.Tensor | None = None
@@ -127,6 +130,9 @@ class Predictor:
 
     def _images_to_device(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self._to_device(pixels)
+        if x.dtype == torch.uint8:
+            cfg = self.model.cfg.image
+            x = normalize(x, cfg.mean, cfg.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.inference_mode()
@@ -145,7 +151,10 @@ class Predictor:
         features: list[torch.Tensor | None] = [r.features for r in requests]
         with self._autocast():
             if to_encode:
-                pixels = torch.stack([requests[i].pixels for i in to_encode])  # type: ignore[misc]
+                parts = [requests[i].pixels for i in to_encode]
+                if len({p.dtype for p in parts}) > 1:  # type: ignore[union-attr]
+                    raise ValueError("a batch mixes uint8 and float pixels")
+                pixels = torch.stack(parts)  # type: ignore[arg-type]
                 encoded = self.model.encode_images(self._images_to_device(pixels)).float()
                 for j, i in enumerate(to_encode):
                     features[i] = encoded[j]
@@ -197,7 +206,8 @@ class Predictor:
         if len(q) == 0:
             q = self.vocab.encode("x")
         for b in batch_sizes:
-            reqs = [ImageQuestions(questions=[q], pixels=torch.zeros(3, s, s)) for _ in range(b)]
+            reqs = [ImageQuestions(questions=[q], pixels=torch.zeros(3, s, s, dtype=torch.uint8))
+                    for _ in range(b)]
             self.run(reqs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

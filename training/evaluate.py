@@ -16,14 +16,12 @@ from pathlib import Path
 import torch
 
 from models import ImageQuestions, Predictor
-from models.transforms import normalize
 
 from .data import VQASplit, load_easy_vqa, question_kind
 from .train import DEFAULT_OUT
 
 
 def evaluate(predictor: Predictor, split: VQASplit, batch_images: int = 64) -> dict:
-    cfg = predictor.model.cfg.image
     by_image: dict[int, list[int]] = {}
     for q, row in enumerate(split.image_index.tolist()):
         by_image.setdefault(row, []).append(q)
@@ -32,7 +30,7 @@ def evaluate(predictor: Predictor, split: VQASplit, batch_images: int = 64) -> d
     t0 = time.perf_counter()
     for start in range(0, len(rows), batch_images):
         chunk = rows[start : start + batch_images]
-        pixels = normalize(split.images[chunk], cfg.mean, cfg.std)
+        pixels = split.images[chunk]  # uint8, normalised by the predictor as in the service
         reqs = [ImageQuestions(questions=[predictor.encode_question(split.questions[q]) for q in by_image[r]],
                                pixels=pixels[i]) for i, r in enumerate(chunk)]
         for r, ans in zip(chunk, predictor.run(reqs)):

@@ -288,24 +288,20 @@ def test_forward_exception_fails_only_that_batch_and_worker_lives_on():
 
 
 def test_nan_output_fails_only_that_request(easy_vqa_samples):
-    from app.preprocessing import decode_image
-
-    poison = png_bytes((1, 2, 3))
+    poison_rgb = (1, 2, 3)  # a solid colour no easy-VQA image has: decodes to exactly these bytes
 
     async def main():
         async with running_app(max_wait_ms=200) as (app, client):
-            cfg = app.state.service.predictor.model.cfg.image
-            marker = decode_image(poison, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
-                                  max_pixels=10**6)[:, 0, 0]
+            embed = app.state.service.predictor.model.cfg.image.embed_size
 
-            def nan_for_poison(reqs):  # the poisoned image's pixels become NaN before the forward
+            def nan_for_poison(reqs):  # the poisoned image's feature becomes NaN before the head
                 for r in reqs:
-                    if r.pixels is not None and torch.allclose(r.pixels[:, 0, 0], marker):
-                        r.pixels.fill_(float("nan"))
+                    if r.pixels is not None and r.pixels[:, 0, 0].tolist() == list(poison_rgb):
+                        r.pixels, r.features = None, torch.full((embed,), float("nan"))
 
             app.state.service.runner.fault_injector = nan_for_poison
             img, q, expected = easy_vqa_samples[0]
-            bad, good = await asyncio.gather(client.post("/v1/answer", **form(poison, "what shape")),
+            bad, good = await asyncio.gather(client.post("/v1/answer", **form(png_bytes(poison_rgb), "what shape")),
                                              client.post("/v1/answer", **form(img, q)))
             return bad, good, expected, app.state.service.cache
 

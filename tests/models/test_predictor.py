@@ -116,3 +116,20 @@ def test_device_and_precision_resolution():
 
 def test_warmup_runs(tiny_checkpoint):
     Predictor(tiny_checkpoint, device="cpu").warmup([1, 3])
+
+
+def test_uint8_pixels_are_normalised_on_the_device(tiny_checkpoint):
+    """The service hands raw uint8 pixels; the predictor normalises them exactly as the
+    training/eval transform does (float pixels are taken as already normalised)."""
+    from models.transforms import normalize
+
+    p = Predictor(tiny_checkpoint, device="cpu")
+    raw = torch.randint(0, 256, (3, 3, p.image_size, p.image_size), dtype=torch.uint8)
+    cfg = p.model.cfg.image
+    q = [p.encode_question(QUESTIONS[1])]
+    from_raw = p.run([ImageQuestions(q, pixels=x) for x in raw])
+    from_float = p.run([ImageQuestions(q, pixels=x) for x in normalize(raw, cfg.mean, cfg.std)])
+    for a, b in zip(from_raw, from_float):
+        torch.testing.assert_close(a.probs, b.probs)
+    with pytest.raises(ValueError, match="mixes"):
+        p.run([ImageQuestions(q, pixels=raw[0]), ImageQuestions(q, pixels=raw[1].float())])
