@@ -19,6 +19,17 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 
 
+def memory_kb(pid: int) -> dict[str, int]:
+    """Resident memory of a process from ``/proc/<pid>/status``: ``VmRSS`` (now) and ``VmHWM``
+    (peak), in kB. Linux only."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

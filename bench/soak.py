@@ -38,6 +38,8 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image, ImageDraw
 
+from bench.server import ServerProcess, memory_kb
+
 COLORS = [(230, 25, 25), (30, 160, 40), (30, 60, 220), (15, 15, 15), (128, 128, 128), (0, 128, 128),
           (130, 80, 30), (240, 220, 20)]
 QUESTIONS = ["what shape is in the image?", "what color is the shape?", "is there a circle in the image?",
@@ -218,15 +220,6 @@ async def _drive(url: str, jobs, concurrency: int, timeout_s: float, stop_at: fl
     return not timed_out
 
 
-def rss_kb(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1])
-    return out
-
-
 def _percentile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -248,14 +241,14 @@ def run_soak(url: str, pid: int | None, *, requests: int = 20_000, concurrency: 
     warm_jobs = [(KINDS[0], mix.build(KINDS[0], image)) for image in mix.pool]
     warm_jobs += [(k, mix.build(k)) for k in (mix.pick() for _ in range(warmup))]
     asyncio.run(_drive(url, warm_jobs, concurrency, request_timeout_s, stop_at, warm))
-    rss_before = rss_kb(pid) if pid else None
+    rss_before = memory_kb(pid) if pid else None
 
     tally = Tally()
     jobs = ((k, mix.build(k)) for k in (mix.pick() for _ in range(requests)))
     main_started = time.monotonic()
     completed = asyncio.run(_drive(url, jobs, concurrency, request_timeout_s, stop_at, tally))
     wall = time.monotonic() - main_started
-    rss_after = rss_kb(pid) if pid else None
+    rss_after = memory_kb(pid) if pid else None
 
     growth = None
     if rss_before and rss_after:
@@ -351,8 +344,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         report = run_soak(args.url, args.pid, **kwargs)
     else:
-        from bench.server import ServerProcess
-
         with ServerProcess(log_path=args.server_log) as srv:
             report = run_soak(srv.url, srv.pid, **kwargs)
     sys.stdout.write(markdown(report))

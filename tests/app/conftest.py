@@ -69,3 +69,18 @@ def live_server():
 
     with ServerProcess({"VQA_DEVICE": "cpu", "VQA_MAX_UPLOAD_BYTES": str(1024 * 1024)}) as srv:
         yield srv
+
+
+def assert_error(r, status: int, code: str | None = None) -> dict:
+    """``r`` is our JSON error: the status, the code (if given), the request id matching the
+    X-Request-ID header, and nothing a client should not see (traceback, paths, source files)."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert err["message"] and err["request_id"] == r.headers["x-request-id"]
+    if code is not None:
+        assert err["code"] == code, err
+    assert "Traceback" not in r.text and "/work/" not in r.text and ".py" not in r.text
+    return err
+

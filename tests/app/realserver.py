@@ -78,11 +78,6 @@ def scrape(url: str) -> str:
     return httpx.get(url + "/metrics", timeout=30).text
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) * 1024
-
-
 def multipart(fields: list[tuple[str, bytes, str | None]], boundary: str | None = None) -> tuple[bytes, str]:
     """(body, content type) of a multipart form; each field is (name, value, filename or None)."""
     boundary = boundary or uuid.uuid4().hex

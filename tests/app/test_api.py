@@ -10,21 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.app.conftest import form, run, running_app
+from tests.app.conftest import assert_error, form, run, running_app
 from tests.app.hostile_images import hostile_corpus
 from tests.conftest import png_bytes
-
-
-def assert_error(r, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}
-    err = body["error"]
-    assert err["message"] and err["request_id"] == r.headers["x-request-id"]
-    if code is not None:
-        assert err["code"] == code, err
-    assert "Traceback" not in r.text and "/work/" not in r.text and ".py" not in r.text
-    return err
 
 
 def test_answers_real_questions_correctly(easy_vqa_samples):

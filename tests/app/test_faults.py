@@ -8,16 +8,8 @@ import asyncio
 import logging
 import threading
 
-from tests.app.conftest import form, run, running_app
+from tests.app.conftest import assert_error, form, run, running_app
 from tests.conftest import png_bytes
-
-
-def assert_error(r, status: int, code: str) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert err["code"] == code and err["request_id"] == r.headers["x-request-id"]
-    assert "Traceback" not in r.text and ".py" not in r.text
-    return err
 
 
 def _break_worker_loop(batcher) -> None:

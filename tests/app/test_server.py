@@ -8,7 +8,7 @@ import re
 import httpx
 import pytest
 
-from bench.server import ServerProcess
+from bench.server import ServerProcess, memory_kb
 from tests.app.conftest import form
 from tests.conftest import png_bytes
 
@@ -60,8 +60,7 @@ def test_bad_inputs_over_a_real_socket(server):
 
 
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) * 1024
+    return memory_kb(pid)["VmRSS"] * 1024
 
 
 def test_streamed_upload_is_cut_off_at_the_limit(server):
