@@ -26,6 +26,7 @@ def evaluate(predictor: Predictor, split: VQASplit, batch_images: int = 64) -> d
     for q, row in enumerate(split.image_index.tolist()):
         by_image.setdefault(row, []).append(q)
     predictions: list[str] = [""] * len(split)
+    confidences = torch.zeros(len(split))
     rows = sorted(by_image)
     t0 = time.perf_counter()
     for start in range(0, len(rows), batch_images):
@@ -34,9 +35,10 @@ def evaluate(predictor: Predictor, split: VQASplit, batch_images: int = 64) -> d
         reqs = [ImageQuestions(questions=[predictor.encode_question(split.questions[q]) for q in by_image[r]],
                                pixels=pixels[i]) for i, r in enumerate(chunk)]
         for r, ans in zip(chunk, predictor.run(reqs)):
-            best = ans.probs.argmax(dim=1).tolist()
-            for q, a in zip(by_image[r], best):
+            conf, best = ans.probs.max(dim=1)
+            for q, a, c in zip(by_image[r], best.tolist(), conf.tolist()):
                 predictions[q] = predictor.answers[a]
+                confidences[q] = c
     seconds = time.perf_counter() - t0
 
     correct = [p == a for p, a in zip(predictions, split.answers)]
@@ -44,16 +46,31 @@ def evaluate(predictor: Predictor, split: VQASplit, batch_images: int = 64) -> d
     for ok, a in zip(correct, split.answers):
         kinds.setdefault(question_kind(a), []).append(ok)
     confusions = Counter((a, p) for p, a, ok in zip(predictions, split.answers, correct) if not ok)
+    ece = expected_calibration_error(confidences, torch.tensor(correct, dtype=torch.float32))
     return {
         "questions": len(split),
         "images": len(split.images),
         "correct": sum(correct),
         "accuracy": sum(correct) / len(split),
         "by_kind": {k: {"questions": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(kinds.items())},
+        "mean_confidence": float(confidences.mean()),
+        "expected_calibration_error": ece,
         "confusions": [{"expected": a, "predicted": p, "count": n} for (a, p), n in confusions.most_common(10)],
         "seconds": round(seconds, 2),
         "device": str(predictor.device),
     }
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
+    """Standard ECE: |accuracy - mean confidence| per equal-width confidence bin, weighted by the
+    bin's share of questions. 0 means the confidences are as likely to be right as they claim."""
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.float().mean().item() * abs(correct[in_bin].mean().item() - confidence[in_bin].mean().item())
+    return ece
 
 
 def format_report(report: dict, weights: Path) -> str:
@@ -64,6 +81,8 @@ def format_report(report: dict, weights: Path) -> str:
     ]
     for kind, r in report["by_kind"].items():
         lines.append(f"  {kind:<8}  {100 * r['accuracy']:.2f}%  ({r['questions']} questions)")
+    lines.append(f"calibration mean confidence {100 * report['mean_confidence']:.2f}%, "
+                 f"expected calibration error {100 * report['expected_calibration_error']:.2f} points")
     if report["confusions"]:
         lines.append("most frequent confusions (expected -> predicted):")
         lines += [f"  {c['expected']} -> {c['predicted']}: {c['count']}" for c in report["confusions"]]

@@ -2,6 +2,9 @@
 shipped weights' accuracy on the *whole* easy-VQA test split."""
 
 import json
+
+import pytest
+import torch
 from pathlib import Path
 
 from models import load_checkpoint
@@ -16,6 +19,15 @@ def test_shipped_weights_accuracy_on_the_whole_test_split(shipped_weights, capsy
     assert report["accuracy"] >= 0.998, report
     assert set(report["by_kind"]) == {"yes/no", "color", "shape"}
     assert sum(k["questions"] for k in report["by_kind"].values()) == 9673
+    assert report["expected_calibration_error"] < 0.01  # confidences mean what they say
+
+
+def test_expected_calibration_error():
+    conf = torch.tensor([0.9, 0.9, 0.9, 0.9, 0.6, 0.6])
+    right = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    # bin of 0.9: accuracy 0.75 (gap 0.15, weight 4/6); bin of 0.6: accuracy 0.5 (gap 0.1, weight 2/6)
+    assert evaluate.expected_calibration_error(conf, right) == pytest.approx(0.15 * 4 / 6 + 0.1 * 2 / 6)
+    assert evaluate.expected_calibration_error(torch.ones(4), torch.ones(4)) == 0
 
 
 def test_shipped_checkpoint_records_how_it_was_made(shipped_weights):
