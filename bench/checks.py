@@ -111,7 +111,7 @@ def compute_checks(results: dict) -> list[dict]:
                "baseline (VQA_MAX_BATCH_SIZE=1), requests/s", "×", "≥ 3", lambda v: v >= 3,
                batched_speedup),
         _check("compact_p99_batched_vs_unbatched_c32", "compact",
-               f"same cells: batched p99 latency ÷ unbatched p99 latency", "×", "< 1 (lower p99)",
+               "same cells: batched p99 latency ÷ unbatched p99 latency", "×", "< 1 (lower p99)",
                lambda v: v < 1, batched_p99),
         _check("full_service_vs_ceiling_c32", "full",
                f"full VGG16, distinct images, concurrency {c32}: service requests/s ÷ predictor "

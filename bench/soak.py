@@ -36,12 +36,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-from PIL import Image, ImageDraw
 
 from bench.server import ServerProcess, memory_kb
+from bench.workloads import draw_shape
 
-COLORS = [(230, 25, 25), (30, 160, 40), (30, 60, 220), (15, 15, 15), (128, 128, 128), (0, 128, 128),
-          (130, 80, 30), (240, 220, 20)]
 QUESTIONS = ["what shape is in the image?", "what color is the shape?", "is there a circle in the image?",
              "does the image contain a triangle?", "is there a blue shape in the image?"]
 V1 = ("/v1/answer", "/v1/answers")
@@ -49,19 +47,8 @@ V1 = ("/v1/answer", "/v1/answers")
 
 # ----------------------------------------------------------------------------- request mix
 def shape_png(rng: random.Random, size: int = 64) -> bytes:
-    """An easy-VQA-like image: one coloured shape on a light background."""
-    img = Image.new("RGB", (size, size), tuple(rng.randint(200, 255) for _ in range(3)))
-    d = ImageDraw.Draw(img)
-    x0, y0 = rng.randint(2, size // 3), rng.randint(2, size // 3)
-    x1, y1 = rng.randint(2 * size // 3, size - 2), rng.randint(2 * size // 3, size - 2)
-    color = rng.choice(COLORS)
-    kind = rng.randrange(3)
-    if kind == 0:
-        d.ellipse((x0, y0, x1, y1), fill=color)
-    elif kind == 1:
-        d.rectangle((x0, y0, x1, y1), fill=color)
-    else:
-        d.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=color)
+    """An easy-VQA-like image (the benchmark's generator) as PNG bytes."""
+    img, _, _ = draw_shape(rng, size)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
