@@ -186,8 +186,6 @@ class VQAService:
         """Answer ``questions`` about the image in ``data`` (decoded once, encoded once)."""
         assert self.batcher is not None and self.predictor is not None
         start = time.perf_counter()
-        if not data:
-            raise ApiError(400, "empty_image", "the image file is empty")
         # Announce before decoding: a batch being gathered may wait for this one.
         with self.batcher.announce() as arrival:
             key = image_key(data)

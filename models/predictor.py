@@ -16,8 +16,9 @@ from typing import Sequence
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
+from .question import pad_questions
 from .transforms import normalize
-from .vocab import PAD_ID, EncodedQuestion
+from .vocab import EncodedQuestion
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +180,7 @@ class Predictor:
         return out
 
     def _pad(self, questions: Sequence[EncodedQuestion]) -> tuple[torch.Tensor, torch.Tensor]:
-        if any(len(q) == 0 for q in questions):
-            raise ValueError("every question needs at least one token")
-        lengths = torch.tensor([len(q) for q in questions], dtype=torch.long)
-        ids = torch.full((len(questions), int(lengths.max())), PAD_ID, dtype=torch.long)
-        for i, q in enumerate(questions):
-            ids[i, : len(q)] = torch.tensor(q.ids, dtype=torch.long)
+        ids, lengths = pad_questions(questions)
         return self._to_device(ids), lengths  # lengths stay on CPU for packing
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:

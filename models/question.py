@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
+
+from .vocab import PAD_ID, EncodedQuestion
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,17 @@ class QuestionEncoderConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "QuestionEncoderConfig":
         return cls(**d)
+
+
+def pad_questions(questions: Sequence[EncodedQuestion]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded questions -> ([B, T] right-padded ids, [B] lengths), the encoder's input."""
+    if any(len(q) == 0 for q in questions):
+        raise ValueError("every question needs at least one token")
+    lengths = torch.tensor([len(q) for q in questions], dtype=torch.long)
+    ids = torch.full((len(questions), int(lengths.max())), PAD_ID, dtype=torch.long)
+    for i, q in enumerate(questions):
+        ids[i, : len(q)] = torch.tensor(q.ids, dtype=torch.long)
+    return ids, lengths
 
 
 class QuestionEncoder(nn.Module):

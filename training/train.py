@@ -40,7 +40,7 @@ from models import (
 )
 from models.predictor import resolve_device
 from models.transforms import normalize
-from models.vocab import PAD_ID
+from models.question import pad_questions
 
 from .data import COLORS, SHAPES, VQASplit, image_attribute_labels, load_easy_vqa
 
@@ -54,12 +54,7 @@ def seed_everything(seed: int) -> None:
 
 
 def encode_questions(vocab: Vocabulary, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = [vocab.encode(t, max_tokens=max_tokens) for t in texts]
-    lengths = torch.tensor([len(e) for e in enc], dtype=torch.long)
-    ids = torch.full((len(enc), int(lengths.max())), PAD_ID, dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, : len(e)] = torch.tensor(e.ids)
-    return ids, lengths
+    return pad_questions([vocab.encode(t, max_tokens=max_tokens) for t in texts])
 
 
 def augment(images: torch.Tensor, gen: torch.Generator, shift: int = 4) -> torch.Tensor:
