@@ -139,7 +139,7 @@ def measure_in_process(regime: Regime, weights: Path, device: str, settings: Set
     model = {
         "name": predictor.name,
         "weights": "shipped" if regime.random_width is None else "random (speed only)",
-        "parameters": sum(p.numel() for p in predictor.model.parameters()),
+        "parameters": sum(p.numel() for p in predictor.ckpt.model.parameters()),
         "image_size": predictor.image_size,
         "upload": f"{regime.image_format.fmt} {regime.image_format.size}×{regime.image_format.size}",
         "dtype": predictor.dtype_name,

@@ -5,6 +5,7 @@ import torch
 
 from models import ImageQuestions, Predictor
 from models.predictor import resolve_device, resolve_precision
+from models.question import pad_questions
 from tests.conftest import QUESTIONS
 
 
@@ -133,3 +134,28 @@ def test_uint8_pixels_are_normalised_on_the_device(tiny_checkpoint):
         torch.testing.assert_close(a.probs, b.probs)
     with pytest.raises(ValueError, match="mixes"):
         p.run([ImageQuestions(q, pixels=raw[0]), ImageQuestions(q, pixels=raw[1].float())])
+
+
+def test_batchnorm_folding_keeps_the_shipped_models_outputs(shipped_weights):
+    """The predictor serves a copy with BatchNorm merged into the convolutions; the loaded
+    model itself is untouched and computes the same features and answers."""
+    from torch import nn
+
+    from models.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(shipped_weights)
+    bn_before = sum(isinstance(m, nn.BatchNorm2d) for m in ckpt.model.modules())
+    assert bn_before > 0
+    p = Predictor(ckpt, device="cpu")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in p.model.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in ckpt.model.modules()) == bn_before
+    x = _images(6, p.image_size)
+    q = [p.encode_question(QUESTIONS[i % len(QUESTIONS)]) for i in range(6)]
+    with torch.inference_mode():
+        ref_feats = ckpt.model.encode_images(x)
+        ids, lengths = pad_questions(q)
+        ref_probs = torch.softmax(ckpt.model.answer_logits(ref_feats, ids, lengths), dim=-1)
+    out = p.run([ImageQuestions([qq], pixels=xx) for qq, xx in zip(q, x)])
+    torch.testing.assert_close(torch.stack([a.features for a in out]), ref_feats, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([a.probs for a in out]), ref_probs, atol=1e-5, rtol=1e-4)
+    assert [int(a.probs[0].argmax()) for a in out] == [int(r.argmax()) for r in ref_probs]
