@@ -116,7 +116,11 @@ class DynamicBatcher(Generic[T, R]):
         on_batch: Callable[[int, float], None] | None = None,
         on_skip: Callable[[str], None] | None = None,
         thread_name: str = "batch-worker",
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
+        """``executor``: the one-thread pool the handler runs on (the batcher shuts it down on
+        stop); by default a new one named ``thread_name``. Passing one lets the caller run other
+        work -- loading, warm-up -- on the same thread as the handler."""
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0")
         self.handler = handler
@@ -130,7 +134,9 @@ class DynamicBatcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        if executor is not None and getattr(executor, "_max_workers", 1) != 1:
+            raise ValueError("the handler's executor must have exactly one thread")
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self._avg_batch_s = 0.0
         self._running_since: float | None = None  # start of the forward pass in progress
         self.failure: BaseException | None = None  # set if the worker loop itself died

@@ -60,6 +60,12 @@ class VQAService:
         self.batcher: DynamicBatcher | None = None
         self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads,
                                                thread_name_prefix="vqa-decode")
+        # Loading, warm-up and every forward pass run on this one thread. On CPU, torch's
+        # OpenMP runtime keeps a worker team per thread that has run a parallel op; a second
+        # team (e.g. from loading on another thread) leaves more OpenMP threads than cores, and
+        # libgomp then stops spinning between parallel regions: a batch-1 forward pass took
+        # 2.7x as long (docs/performance.md). The decode threads run no parallel torch op.
+        self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqa-forward")
         self.loaded = False
         self.draining = False
         self.inflight = 0  # admitted /v1 requests not yet answered (the admission bound)
@@ -67,19 +73,21 @@ class VQAService:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         s = self.settings
+        loop = asyncio.get_running_loop()
         if self.predictor is None:
             log.info("loading %s on device=%s", s.weights, s.device)
-            self.predictor = await asyncio.to_thread(Predictor.from_file, s.weights, s.device, s.precision)
+            self.predictor = await loop.run_in_executor(self._forward_pool, Predictor.from_file,
+                                                        s.weights, s.device, s.precision)
             self.version = await asyncio.to_thread(_file_digest, Path(s.weights))
         p = self.predictor
         sizes = sorted({min(b, s.max_batch_size) for b in self.warmup_sizes(p)})
-        await asyncio.to_thread(p.warmup, sizes)
+        await loop.run_in_executor(self._forward_pool, p.warmup, sizes)
         self.runner = BatchRunner(p, self.cache if self.cache.enabled else None,
                                   on_oom_split=lambda n: self.metrics.failures.labels("oom_split").inc())
         self.batcher = DynamicBatcher(self.runner, max_batch_size=s.max_batch_size,
                                       max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
                                       on_batch=self.metrics.observe_batch, on_skip=self._count_skip,
-                                      thread_name="vqa-forward")
+                                      executor=self._forward_pool)
         self.batcher.start()
         self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth if self.batcher else 0)
         self.metrics.inflight.set_function(lambda: self.inflight)
@@ -112,6 +120,8 @@ class VQAService:
         if self.batcher is not None:
             drained = await self.batcher.stop(timeout_s=self.settings.shutdown_timeout_s)
             log.info("batcher stopped (%s)", "drained" if drained else "drain timed out")
+        else:
+            self._forward_pool.shutdown(wait=False, cancel_futures=True)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     @property

@@ -1,0 +1,52 @@
+"""Loading, warm-up and every forward pass run on one thread, the batcher's.
+
+On CPU, torch's OpenMP runtime keeps a team of worker threads for each thread that has run a
+parallel op; two teams on a 2-core machine make libgomp stop spinning between parallel
+regions, and a batch-1 forward pass then took 2.7x as long (docs/performance.md). The service
+therefore keeps all model work on the one thread the batcher runs its handler on.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from models import Predictor
+from tests.app.conftest import form, run, running_app
+from tests.conftest import png_bytes
+
+
+def test_model_work_runs_on_the_forward_thread_only(monkeypatch):
+    seen: dict[str, set[str]] = {"load": set(), "warmup": set(), "run": set()}
+    from_file, warmup, run_ = Predictor.from_file.__func__, Predictor.warmup, Predictor.run
+
+    def record(kind):
+        seen[kind].add(threading.current_thread().name)
+
+    monkeypatch.setattr(Predictor, "from_file",
+                        classmethod(lambda cls, *a, **k: (record("load"), from_file(cls, *a, **k))[1]))
+    monkeypatch.setattr(Predictor, "warmup", lambda self, *a, **k: (record("warmup"), warmup(self, *a, **k))[1])
+    monkeypatch.setattr(Predictor, "run", lambda self, *a, **k: (record("run"), run_(self, *a, **k))[1])
+
+    async def main():
+        async with running_app() as (app, client):
+            r = await client.post("/v1/answer", **form(png_bytes(), "what shape is this"))
+            return r, threading.current_thread().name
+
+    r, main_thread = run(main())
+    assert r.status_code == 200
+    threads = seen["load"] | seen["warmup"] | seen["run"]
+    assert all(seen.values()), seen
+    assert len(threads) == 1 and threads != {main_thread}, seen
+    assert next(iter(threads)).startswith("vqa-forward")
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_batcher_refuses_a_pool_with_more_than_one_thread(workers):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.batcher import DynamicBatcher
+
+    with ThreadPoolExecutor(max_workers=workers) as pool, pytest.raises(ValueError, match="one thread"):
+        DynamicBatcher(lambda items: items, max_batch_size=2, max_wait_s=0, max_queue=4, executor=pool)
