@@ -60,7 +60,7 @@ def default_regimes(quick: bool = False, full_image_size: int = 224, full_width:
     to ~15 on a busy machine); ``quick`` shrinks them ~4× for a look at the numbers' shape,
     not their value."""
     compact = Regime("compact", "shipped compact model (easy-VQA weights)", ImageFormat(64, "PNG"),
-                     miss_requests=512, hit_requests=512, rounds=8, ceiling_min_s=2.0)
+                     miss_requests=2048, hit_requests=2048, rounds=16, ceiling_min_s=2.0)
     full = Regime("full", f"full-size VGG16 {full_image_size}×{full_image_size} (random weights)",
                   ImageFormat(full_image_size, "JPEG"),
                   miss_requests=48, hit_requests=512, rounds=3, ceiling_min_s=3.0,
