@@ -15,6 +15,7 @@ import json
 import re
 from pathlib import Path
 
+from .checks import compute_checks
 from .server import REPO
 
 SERVERS = ("baseline", "service")
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", type=Path, help="rewrite this markdown file's generated section instead of printing")
     args = p.parse_args(argv)
     results = json.loads(args.results.read_text())
+    # The checks are pure functions of the measurements: recompute them, so a re-render shows
+    # the current definitions (bench/checks.py) rather than those of the run's day.
+    results["checks"] = compute_checks(results)
     if args.doc:
         update_doc(args.doc, results, args.results)
     else:
