@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from models import EncodedQuestion, ImageAnswers, Predictor
 from models.vocab import tokenize
 
@@ -26,6 +28,7 @@ from .batcher import (
     QueueFull,
 )
 from .cache import FeatureCache, image_key
+from .cpu import forward_threads
 from .errors import ApiError
 from .inference import AnswerJob, BatchRunner, InferenceError
 from .metrics import Metrics
@@ -50,6 +53,13 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def _init_forward_thread(threads: int) -> None:
+    # get_num_threads first: it runs torch's once-per-thread lazy initialisation, which would
+    # otherwise later reset this thread's count to the process-wide default.
+    torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+
 class VQAService:
     def __init__(self, settings: Settings, metrics: Metrics, predictor: Predictor | None = None) -> None:
         self.settings = settings
@@ -66,7 +76,10 @@ class VQAService:
         # team (e.g. from loading on another thread) leaves more OpenMP threads than cores, and
         # libgomp then stops spinning between parallel regions: a batch-1 forward pass took
         # 2.7x as long (docs/performance.md). The decode threads run no parallel torch op.
-        self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqa-forward")
+        self.torch_threads = forward_threads(settings.torch_threads)
+        self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqa-forward",
+                                                initializer=_init_forward_thread,
+                                                initargs=(self.torch_threads,))
         self.loaded = False
         self.draining = False
         self.inflight = 0  # admitted /v1 requests not yet answered (the admission bound)
@@ -102,8 +115,8 @@ class VQAService:
         gc.collect()
         gc.freeze()
         self.loaded = True
-        log.info("ready: model=%s device=%s dtype=%s max_batch_size=%d max_wait_ms=%g",
-                 p.name, p.device, p.dtype_name, s.max_batch_size, s.max_wait_ms)
+        log.info("ready: model=%s device=%s dtype=%s max_batch_size=%d max_wait_ms=%g torch_threads=%d",
+                 p.name, p.device, p.dtype_name, s.max_batch_size, s.max_wait_ms, self.torch_threads)
 
     def _count_skip(self, reason: str) -> None:
         # A queued request is cancelled when its route sees the client hang up (or, rarely, when

@@ -444,8 +444,11 @@ def test_k8s_deployment_probes_gpu_security_and_drain():
     # Wiring: ConfigMap, port, Service, HPA.
     assert c["envFrom"][0]["configMapRef"]["name"] == cm["metadata"]["name"]
     port = next(p for p in c["ports"] if p["name"] == "http")
-    env = {e["name"]: e["value"] for e in c.get("env", [])}
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
     assert int(env["VQA_PORT"]) == port["containerPort"] == 8000 and env["VQA_HOST"] == "0.0.0.0"
+    # torch's intra-op threads follow the pod's CPU request (there is no CPU limit to read)
+    threads = next(e for e in c["env"] if e["name"] == "VQA_TORCH_THREADS")["valueFrom"]["resourceFieldRef"]
+    assert threads["resource"] == "requests.cpu" and "cpu" not in c["resources"].get("limits", {})
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
     assert svc["spec"]["ports"][0]["targetPort"] in ("http", 8000)
