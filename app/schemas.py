@@ -62,6 +62,7 @@ class ModelInfo(BaseModel):
     weights: str = Field(description="weights file name")
     device: str
     dtype: str
+    torch_threads: int = Field(description="intra-op threads of the forward pass (VQA_TORCH_THREADS or the CPU quota)")
     image_size: int
     answers: list[str]
     question_vocab_size: int

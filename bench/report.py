@@ -161,9 +161,12 @@ def _regime(name: str, r: dict) -> list[str]:
                   [[str(c["batch_size"]), _num(c["images_per_s"]), _num(c["batch_ms_p50"]), str(c["runs"])]
                    for c in r["ceiling"]])
     batching = r["servers"]["service"]["batching"]
+    threads = r["servers"]["service"].get("torch_threads")
     out += ["", f"Server: baseline `VQA_MAX_BATCH_SIZE=1`; service defaults (max batch "
             f"{batching['max_batch_size']}, max wait {batching['max_wait_ms']:g} ms, queue "
-            f"{batching['max_queue']}). Latency is client-measured, send to last body byte.", ""]
+            f"{batching['max_queue']}"
+            + (f"; {threads} torch threads for the forward pass" if threads else "")
+            + "). Latency is client-measured, send to last body byte.", ""]
     out += _load_table(r)
     out += ["", "Server-side medians from each response's `timing` (ms; *outside the service span* = "
             "client latency − `total_ms`: HTTP, multipart parsing, routing, response encoding, client):", ""]

@@ -193,6 +193,7 @@ def bench_server(regime: Regime, server: str, weights: Path, device: str, stream
     try:
         info = httpx.get(srv.url + "/v1/model", timeout=30).json()
         out["batching"], out["device"], out["dtype"] = info["batching"], info["device"], info["dtype"]
+        out["torch_threads"] = info.get("torch_threads")
         max_batch = info["batching"]["max_batch_size"]
         # Warm-up (untimed): one full batch through the real path, so lazy initialisation on the
         # largest shape is not billed to the first cell.

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import app.cpu as app_cpu
 from tests.app.conftest import assert_error, form, run, running_app
 from tests.app.hostile_images import hostile_corpus
 from tests.conftest import png_bytes
@@ -101,6 +102,7 @@ def test_ops_routes_and_docs():
     m = r["/v1/model"].json()
     assert m["device"] == "cpu" and m["image_size"] == 64 and len(m["answers"]) == 13
     assert m["batching"]["max_batch_size"] == 32 and m["version"] != "unknown"
+    assert m["torch_threads"] == app_cpu.forward_threads(0)  # VQA_TORCH_THREADS unset: automatic
     assert m["training"]["val_accuracy"] >= 0.99
     metrics = r["/metrics"].text
     for name in ("vqa_requests_total", "vqa_request_duration_seconds", "vqa_batch_size",
