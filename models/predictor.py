@@ -87,9 +87,7 @@ def fold_batchnorm(model: VQAModel) -> VQAModel:
     """An inference copy of ``model`` whose eval-mode BatchNorm layers are merged into the
     convolution each follows (one pass over the activations fewer per layer). Returns
     ``model`` itself when it has none (full-size VGG16 has none: no copy of its 0.5 GB)."""
-    features = model.image_encoder.backbone.features
-    layers = list(features)
-    if not any(isinstance(m, nn.BatchNorm2d) for m in layers):
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.image_encoder.backbone.features):
         return model
     folded = copy.deepcopy(model).eval()
     out: list[nn.Module] = []

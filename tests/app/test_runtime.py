@@ -45,15 +45,13 @@ def test_model_work_runs_on_the_forward_thread_only(monkeypatch):
     assert next(iter(threads)).startswith("vqa-forward")
 
 
-@pytest.mark.parametrize("workers", [2])
-def test_batcher_refuses_a_pool_with_more_than_one_thread(workers):
+def test_batcher_refuses_a_pool_with_more_than_one_thread():
     from concurrent.futures import ThreadPoolExecutor
 
     from app.batcher import DynamicBatcher
 
-    with ThreadPoolExecutor(max_workers=workers) as pool, pytest.raises(ValueError, match="one thread"):
+    with ThreadPoolExecutor(max_workers=2) as pool, pytest.raises(ValueError, match="one thread"):
         DynamicBatcher(lambda items: items, max_batch_size=2, max_wait_s=0, max_queue=4, executor=pool)
-
 
 
 def test_startup_objects_are_frozen_out_of_the_garbage_collector(monkeypatch):
