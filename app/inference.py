@@ -63,7 +63,7 @@ class BatchRunner:
         answers = self._run(merged)
         out: list[ImageAnswers | InferenceError] = [None] * len(jobs)  # type: ignore[list-item]
         for (req, members), ans in zip(groups, answers):
-            finite = bool(torch.isfinite(ans.probs).all()) and bool(torch.isfinite(ans.features).all())
+            finite = ans.finite
             if finite and self.cache is not None and ans.encoded:
                 key = jobs[members[0][0]].cache_key
                 if key is not None:

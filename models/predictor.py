@@ -81,6 +81,7 @@ class ImageAnswers:
     probs: torch.Tensor  # [num_questions, num_answers] float32 on CPU
     features: torch.Tensor  # [embed] float32 on CPU, the image's unit feature
     encoded: bool  # whether the image encoder ran for this image (False: features given)
+    finite: bool = True  # its feature and every probability are finite numbers
 
 
 def fold_batchnorm(model: VQAModel) -> VQAModel:
@@ -199,12 +200,16 @@ class Predictor:
             logits = self.model.answer_logits(img[rows], ids, lengths)
         probs = torch.softmax(logits.float(), dim=-1).cpu()
         img_cpu = img.float().cpu()
+        # Finiteness for the whole batch at once (per image it was six small torch calls).
+        row_ok = torch.isfinite(probs).all(dim=1).tolist()
+        image_ok = torch.isfinite(img_cpu).all(dim=1).tolist()
         out: list[ImageAnswers] = []
         start = 0
         encoded_set = set(to_encode)
         for i, n in enumerate(counts):
             out.append(ImageAnswers(probs=probs[start : start + n], features=img_cpu[i],
-                                    encoded=i in encoded_set))
+                                    encoded=i in encoded_set,
+                                    finite=image_ok[i] and all(row_ok[start : start + n])))
             start += n
         return out
 

@@ -65,6 +65,18 @@ def test_probabilities_and_top_k(tiny_checkpoint):
     assert len(p.top_k(out.probs[0], 100)) == len(p.answers)
 
 
+def test_finite_flag_marks_only_the_image_with_a_non_finite_output(tiny_checkpoint):
+    p = Predictor(tiny_checkpoint, device="cpu")
+    embed = p.model.cfg.image.embed_size
+    q = [p.encode_question(QUESTIONS[0]), p.encode_question(QUESTIONS[1])]
+    x = _images(2, p.image_size)
+    out = p.run([ImageQuestions(q, pixels=x[0]),
+                 ImageQuestions(q[:1], features=torch.full((embed,), float("nan"))),
+                 ImageQuestions(q, pixels=x[1])])
+    assert [a.finite for a in out] == [True, False, True]
+    assert [len(a.probs) for a in out] == [2, 1, 2]
+
+
 def test_empty_question_refused(tiny_checkpoint):
     p = Predictor(tiny_checkpoint, device="cpu")
     with pytest.raises(ValueError):
