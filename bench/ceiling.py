@@ -2,11 +2,10 @@
 
 * **ceiling**: ``Predictor.run`` on pre-decoded image tensors (one question each) at fixed
   batch sizes, in images/s. The service can at best approach this at the same batch size.
-* **preprocessing**: ``app.preprocessing.decode_image`` on the very bytes a cell sent, with the
-  server's settings. Preprocessing + a batch-1 forward is what one idle request must cost;
-  the rest of the idle latency is the service's (and HTTP's) own overhead.
+* **after idleness**: a batch-1 ``Predictor.run`` that follows 10 ms of idleness, as an
+  idle server's does (shown beside the idle-latency check, ``bench/idle.py``).
 
-Both run in the benchmark's process, not in the server's, while no server is busy.
+Both run in the benchmark's process, not in the server's, while no server is running.
 """
 
 from __future__ import annotations
@@ -87,14 +86,3 @@ def measure_idle_forward_ms(predictor: Predictor, pixel: torch.Tensor, question:
         _sync(predictor)
 
     return 1000 * _median_run_s(run, 5, min_seconds, idle_s)[0]
-
-
-def measure_decode_ms(cfg: ImageEncoderConfig, images: Sequence[bytes], settings: Settings) -> dict:
-    """Per-image preprocessing time (ms) over ``images``: median and mean."""
-    decode = _decoder(cfg, settings)
-    times = []
-    for b in images:
-        t0 = time.perf_counter()
-        decode(b)
-        times.append(1000 * (time.perf_counter() - t0))
-    return {"p50": float(np.median(times)), "mean": float(np.mean(times)), "images": len(times)}

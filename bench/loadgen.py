@@ -109,10 +109,11 @@ def _median(values: Sequence[float]) -> float | None:
 
 
 def run_cell(base_url: str, requests: Sequence[PreparedRequest], concurrency: int, *,
-             server_pid: int | None = None, timeout_s: float = 600, cpu_count: int | None = None
-             ) -> dict:
+             server_pid: int | None = None, timeout_s: float = 600, cpu_count: int | None = None,
+             keep_latencies: bool = False) -> dict:
     """Send ``requests`` with ``concurrency`` closed-loop workers; return the cell's numbers
-    (throughput, latency percentiles, server-reported timings, CPU accounting)."""
+    (throughput, latency percentiles, server-reported timings, CPU accounting; with
+    ``keep_latencies``, every successful request's latency too, in ms, in sending order)."""
     cpu_count = cpu_count or os.cpu_count() or 1
     sent = _run_loop(_send_all(base_url, requests, concurrency, timeout_s, server_pid))
     wall, loadgen_cpu, server_cpu = sent.wall_s, sent.cpu_s, sent.server_cpu_s
@@ -154,6 +155,9 @@ def run_cell(base_url: str, requests: Sequence[PreparedRequest], concurrency: in
             "outside_service_p50": _median([lat - t["total_ms"] for lat, t in timed]),
         }
         cell["batch_size_mean"] = float(np.mean([t["batch_size"] for _, t in timed]))
+    if keep_latencies:
+        cell["latencies_ms"] = [o.latency_s * 1000 for o in ok]
+        cell["timed"] = [{"latency_ms": lat, **t} for lat, t in timed]
     if bodies and all("image_cached" in b for b in bodies):
         cell["cache_hit_fraction"] = sum(bool(b["image_cached"]) for b in bodies) / len(bodies)
     return cell

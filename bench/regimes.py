@@ -48,6 +48,10 @@ class Regime:
     ceiling_min_s: float  # time each ceiling batch size is measured for, at least
     random_width: float | None = None  # None: the shipped weights; else random VGG16 at this width
     hit_pool: int = 16  # distinct images the cache-hit workload cycles through
+    # Idle latency (bench/idle.py): blocks of concurrency-1 requests, each alternating with
+    # the in-process reference on the same images.
+    idle_blocks: int = 8
+    idle_requests: int = 256  # per block
 
     def cell_requests(self, workload: str, concurrency: int) -> int:
         base = self.miss_requests if workload == "miss" else self.hit_requests
@@ -60,14 +64,17 @@ def default_regimes(quick: bool = False, full_image_size: int = 224, full_width:
     to ~15 on a busy machine); ``quick`` shrinks them ~4× for a look at the numbers' shape,
     not their value."""
     compact = Regime("compact", "shipped compact model (easy-VQA weights)", ImageFormat(64, "PNG"),
-                     miss_requests=2048, hit_requests=2048, rounds=16, ceiling_min_s=2.0)
+                     miss_requests=2048, hit_requests=2048, rounds=16, ceiling_min_s=2.0,
+                     idle_blocks=8, idle_requests=256)
     full = Regime("full", f"full-size VGG16 {full_image_size}×{full_image_size} (random weights)",
                   ImageFormat(full_image_size, "JPEG"),
                   miss_requests=48, hit_requests=512, rounds=3, ceiling_min_s=3.0,
-                  random_width=full_width)
+                  random_width=full_width, idle_blocks=8, idle_requests=8)
     if quick:
-        compact = replace(compact, miss_requests=128, hit_requests=128, rounds=2, ceiling_min_s=1.0)
-        full = replace(full, miss_requests=8, hit_requests=128, rounds=1, ceiling_min_s=1.0)
+        compact = replace(compact, miss_requests=128, hit_requests=128, rounds=2, ceiling_min_s=1.0,
+                          idle_blocks=4, idle_requests=64)
+        full = replace(full, miss_requests=8, hit_requests=128, rounds=1, ceiling_min_s=1.0,
+                       idle_blocks=2, idle_requests=4)
     return {"compact": compact, "full": full}
 
 

@@ -129,14 +129,26 @@ def _cpu_table(r: dict) -> list[str]:
 def _idle(r: dict) -> list[str]:
     i = r.get("idle")
     if not i:
-        return ["Not measured (the run had no concurrency-1 cell)."]
+        return ["Not measured."]
     t = i.get("server_timing_ms") or {}
+    blocks = i.get("block_overhead_ms") or []
     rows = [
-        ["preprocessing (`decode_image`, in-process, same bytes)", _num(i["decode_ms_p50"])],
-        ["single forward (`Predictor.run`, batch 1, in-process, back to back)", _num(i["forward_ms_p50"])],
+        ["preprocessing (`decode_pixels`, in-process, same bytes)", _num(i["decode_ms_p50"])],
+        ["single forward (`Predictor.run`, batch 1, in-process, right after its image's preprocessing)",
+         _num(i["forward_ms_p50"])],
         ["**expected** (sum)", _num(i["expected_ms"])],
         ["**service p50 latency** at concurrency 1 (client-measured)", _num(i["service_p50_ms"])],
         ["**difference**", _num(i["overhead_ms"])],
+    ]
+    alone = i.get("alone")
+    if alone:
+        rows += [["… preprocessing alone, image after image (in-process)", _num(alone["decode_ms_p50"])],
+                 ["… single forward alone, forward after forward (in-process)", _num(alone["forward_ms_p50"])],
+                 ["… difference against the components alone (stricter)", _num(alone["overhead_ms"])]]
+    if blocks:
+        rows.append([f"… the difference per block ({len(blocks)} blocks of {i['requests_per_block']} "
+                     "requests)", " / ".join(f"{b:+.2f}" for b in blocks)])
+    rows += [
         ["… single forward after 10 ms idle (in-process; an idle server's forward runs cold)",
          _num(i.get("forward_after_idle_ms_p50"))],
         ["… server `timing.total_ms` p50 (hash, decode, queue, forward)", _num(t.get("total_p50"))],
@@ -171,7 +183,8 @@ def _regime(name: str, r: dict) -> list[str]:
     out += ["", "Server-side medians from each response's `timing` (ms; *outside the service span* = "
             "client latency − `total_ms`: HTTP, multipart parsing, routing, response encoding, client):", ""]
     out += _timing_table(r)
-    out += ["", "Idle latency (concurrency 1, distinct images, service):", ""]
+    out += ["", "Idle latency (concurrency 1, distinct images, service; blocks of requests alternate "
+            "with the in-process reference on the same images, `bench/idle.py`):", ""]
     out += _idle(r)
     out += ["", "Who used the CPU during each cell (loadgen: the benchmark's own process; "
             "\"share of machine\" is CPU time ÷ (wall time × all cores); \"loadgen max req/s\" is "

@@ -8,8 +8,8 @@ For each model regime (``bench/regimes.py``), in one run:
    each driven by the closed-loop load generator with a cache-miss workload (every image new)
    and a cache-hit workload (a small pool of images already in the feature cache), at each
    concurrency, plus a ``GET /healthz`` probe of the load generator's own ceiling;
-3. **idle**: preprocessing of the concurrency-1 cell's images, measured in-process, to set
-   against that cell's median latency.
+3. **idle**: with the service still up, blocks of concurrency-1 requests alternate with
+   in-process preprocessing + batch-1 forward passes of the same images (``bench/idle.py``).
 
 Then the named checks (``bench/checks.py``) are computed, everything is written to one JSON file,
 and ``--doc`` re-renders the matching section of ``docs/performance.md`` from it.
@@ -32,11 +32,12 @@ import httpx
 import torch
 
 from app.settings import Settings
-from models import ImageEncoderConfig, Predictor, resolve_device
+from models import Predictor, resolve_device
 
 from . import machine
-from .ceiling import decode_all, measure_ceiling, measure_decode_ms, measure_idle_forward_ms
+from .ceiling import decode_all, measure_ceiling, measure_idle_forward_ms
 from .checks import compute_checks
+from .idle import measure_idle
 from .loadgen import run_cell
 from .regimes import WORKLOADS, Regime, default_regimes, weights_for
 from .report import update_doc
@@ -117,7 +118,8 @@ def build_regimes(args: argparse.Namespace) -> list[Regime]:
             raise SystemExit(f"vqa-bench: unknown regime {name!r} (choose from {', '.join(available)})")
         r = available[name]
         if args.requests is not None:
-            r = replace(r, miss_requests=args.requests, hit_requests=args.requests)
+            r = replace(r, miss_requests=args.requests, hit_requests=args.requests,
+                        idle_requests=min(r.idle_requests, args.requests))
         if args.rounds is not None:
             r = replace(r, rounds=args.rounds)
         if args.ceiling_seconds is not None:
@@ -171,19 +173,19 @@ def _log_cell(regime: str, server: str, cell: dict) -> None:
 @dataclass
 class ServerRun:
     result: dict  # the server's settings and cells, as stored in the JSON
-    idle_images: list[bytes]  # what its concurrency-1 cache-miss cell sent
+    idle: dict | None  # the interleaved idle-latency measurement (service only)
     healthz_probe: dict | None  # the load generator's GET /healthz probe (service only)
 
 
-def bench_server(regime: Regime, server: str, weights: Path, device: str, stream: ImageStream,
-                 args: argparse.Namespace, workdir: Path) -> ServerRun:
+def bench_server(regime: Regime, server: str, weights: Path, device: str, settings: Settings,
+                 stream: ImageStream, args: argparse.Namespace, workdir: Path) -> ServerRun:
     """All cells of one server configuration, cache-miss cells first."""
     concurrency = args.concurrency
     env = {"VQA_WEIGHTS": str(weights), "VQA_DEVICE": device,
            "VQA_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S), **args.server_env, **SERVERS[server]}
     log_path = workdir / f"{regime.name}-{server}.log"
     out: dict = {"env": SERVERS[server], "cells": []}
-    run = ServerRun(out, [], None)
+    run = ServerRun(out, None, None)
     srv = ServerProcess(env, log_path=log_path, ready_timeout_s=300)
     try:
         srv.start()
@@ -210,9 +212,7 @@ def bench_server(regime: Regime, server: str, weights: Path, device: str, stream
             for c in concurrency:
                 n = regime.cell_requests(workload, c)
                 if workload == "miss":
-                    samples, requests = miss_workload(stream, n)
-                    if c == 1:
-                        run.idle_images = [s.image for s in samples]
+                    _, requests = miss_workload(stream, n)
                 else:
                     prime, requests = hit_workload(stream, n, regime.hit_pool)
                     primed = run_cell(srv.url, prime, 1, timeout_s=REQUEST_TIMEOUT_S)
@@ -222,31 +222,16 @@ def bench_server(regime: Regime, server: str, weights: Path, device: str, stream
                           **run_cell(srv.url, requests, c, server_pid=srv.pid, timeout_s=REQUEST_TIMEOUT_S)}
                 _log_cell(regime.name, server, result)
                 out["cells"].append(result)
+        if server == "service":
+            log(f"  {regime.name} idle latency: {regime.idle_blocks} blocks of {regime.idle_requests} "
+                "requests at concurrency 1, alternating with the in-process reference")
+            run.idle = measure_idle(srv.url, srv.pid, weights, device, settings, stream,
+                                    regime.idle_blocks, regime.idle_requests, REQUEST_TIMEOUT_S)
+            log(f"  {regime.name} idle: service p50 {run.idle['service_p50_ms']:.2f} ms vs "
+                f"{run.idle['expected_ms']:.2f} ms expected: {run.idle['overhead_ms']:+.2f} ms")
     finally:
         srv.stop()
     return run
-
-
-def idle_breakdown(regime_result: dict, images: list[bytes], settings: Settings) -> dict | None:
-    """Concurrency-1 median latency against in-process preprocessing + a batch-1 forward."""
-    service = regime_result["servers"]["service"]
-    c1 = next((c for c in service["cells"] if c["workload"] == "miss" and c["concurrency"] == 1), None)
-    forward = next((r for r in regime_result["ceiling"] if r["batch_size"] == 1), None)
-    if c1 is None or forward is None or not images or c1["latency_ms"]["p50"] is None:
-        return None
-    image_cfg = ImageEncoderConfig.from_dict(regime_result["model"]["image_config"])
-    decode = measure_decode_ms(image_cfg, images, settings)
-    expected = decode["p50"] + forward["batch_ms_p50"]
-    return {
-        "decode_ms_p50": decode["p50"],
-        "decode_images": decode["images"],
-        "forward_ms_p50": forward["batch_ms_p50"],
-        "forward_after_idle_ms_p50": regime_result["forward_after_idle_ms_p50"],
-        "expected_ms": expected,
-        "service_p50_ms": c1["latency_ms"]["p50"],
-        "overhead_ms": c1["latency_ms"]["p50"] - expected,
-        "server_timing_ms": c1.get("server_timing_ms"),
-    }
 
 
 def bench_regime(regime: Regime, args: argparse.Namespace, device: str, settings: Settings,
@@ -260,11 +245,13 @@ def bench_regime(regime: Regime, args: argparse.Namespace, device: str, settings
               **measure_in_process(regime, weights, device, settings, stream, batch_sizes),
               "request_counts": {"miss_base": regime.miss_requests, "hit_base": regime.hit_requests,
                                  "rounds": regime.rounds, "hit_pool": regime.hit_pool}}
-    runs = {server: bench_server(regime, server, weights, device, stream, args, workdir)
+    runs = {server: bench_server(regime, server, weights, device, settings, stream, args, workdir)
             for server in SERVERS}
     result["servers"] = {server: r.result for server, r in runs.items()}
     result["healthz_probe"] = runs["service"].healthz_probe
-    result["idle"] = idle_breakdown(result, runs["service"].idle_images, settings)
+    idle = runs["service"].idle
+    result["idle"] = None if idle is None else {
+        **idle, "forward_after_idle_ms_p50": result["forward_after_idle_ms_p50"]}
     result["duration_s"] = time.perf_counter() - started
     return result
 

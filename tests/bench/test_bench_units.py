@@ -63,7 +63,10 @@ def test_checks_pass_fail_and_not_measured():
             "servers": {"baseline": {"cells": [_cell("miss", 32, 100.0, p99=500.0)]},
                         "service": {"cells": [_cell("miss", 32, 250.0, p99=200.0)]}},
             "idle": {"overhead_ms": 1.5, "service_p50_ms": 6.5, "decode_ms_p50": 0.5,
-                     "forward_ms_p50": 4.5, "expected_ms": 5.0, "forward_after_idle_ms_p50": 5.25},
+                     "forward_ms_p50": 4.5, "expected_ms": 5.0, "forward_after_idle_ms_p50": 5.25,
+                     "requests_per_block": 256, "block_overhead_ms": [1.25, 1.75, 1.5],
+                     "alone": {"decode_ms_p50": 0.25, "forward_ms_p50": 4.0, "expected_ms": 4.25,
+                               "overhead_ms": 2.25}},
         },
         "full": {
             "ceiling": [{"batch_size": 1, "images_per_s": 4.5}, {"batch_size": 32, "images_per_s": 4.0}],
@@ -83,7 +86,10 @@ def test_checks_pass_fail_and_not_measured():
     assert checks["compact_idle_latency_overhead"]["passed"] is True
     # the verdict uses the back-to-back forward; the detail adds the after-idleness comparison
     assert checks["compact_idle_latency_overhead"]["value"] == pytest.approx(1.5)
-    assert "after 10 ms of idleness took 5.25 ms, +0.75 ms" in checks["compact_idle_latency_overhead"]["detail"]
+    detail = checks["compact_idle_latency_overhead"]["detail"]
+    assert "after 10 ms of idleness took 5.25 ms, +0.75 ms" in detail
+    assert "3 blocks of 256 requests" in detail and "+1.25 to +1.75 ms" in detail
+    assert "components timed alone (0.25 + 4.00 ms) the difference is +2.25 ms" in detail
     assert checks["full_idle_latency_overhead"]["passed"] is None
     assert checks["loadgen_peak_busy"]["value"] == pytest.approx(0.1)
     assert checks["loadgen_peak_busy"]["passed"] is True
