@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from app.cpu import forward_threads
 from app.settings import Settings
 from models import Predictor, resolve_device
 
@@ -262,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     device_arg = str(device) if args.device != "auto" else device.type
     settings = Settings(device=device_arg)
+    # The in-process measurements (ceiling, idle reference) run with the thread count the
+    # servers' forward pass uses (VQA_TORCH_THREADS; by default the CPU quota, else the
+    # affinity CPUs), not torch's default of every CPU the host has.
+    torch.set_num_threads(forward_threads(int(args.server_env.get("VQA_TORCH_THREADS", settings.torch_threads))))
     output = args.output or REPO / "bench" / "results" / f"{device.type}.json"
     started = time.perf_counter()
     results = {

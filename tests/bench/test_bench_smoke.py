@@ -13,6 +13,8 @@ import shutil
 
 import pytest
 
+from app.cpu import forward_threads
+from app.settings import Settings
 from bench import report, run
 from bench.checks import compute_checks
 from bench.regimes import WORKLOADS
@@ -44,6 +46,10 @@ def smoke(tmp_path_factory):
 def test_every_cell_was_measured_and_answered(smoke):
     results, _, _ = smoke
     assert results["schema"] == run.SCHEMA and results["device_type"] == "cpu"
+    # in-process measurements use the servers' forward-pass thread count
+    assert results["machine"]["torch_threads"] == forward_threads(Settings().torch_threads)
+    assert {r["servers"]["service"]["torch_threads"] for r in results["regimes"].values()} == {
+        results["machine"]["torch_threads"]}
     assert set(results["regimes"]) == {"compact", "full"}
     for name, r in results["regimes"].items():
         assert [c["batch_size"] for c in r["ceiling"]] == CONCURRENCY
