@@ -100,9 +100,9 @@ def compute_checks(results: dict) -> list[dict]:
                            f"{max(blocks):+.2f} ms")
             after_idle = i.get("forward_after_idle_ms_p50")
             if after_idle is not None:
-                # Not the verdict (that uses the back-to-back forward, the stricter reference):
-                # what the same gap is against a forward pass that, like a lone request's,
-                # follows a pause.
+                # Not the verdict (that uses the in-process decode-then-forward reference): what
+                # the same gap is against a forward pass that, like a lone request's, follows a
+                # pause.
                 gap = i["service_p50_ms"] - i["decode_ms_p50"] - after_idle
                 detail += (f"; a batch-1 forward after 10 ms of idleness took {after_idle:.2f} ms, "
                            f"{gap:+.2f} ms from the service p50")

@@ -84,7 +84,8 @@ def test_checks_pass_fail_and_not_measured():
     assert checks["full_service_vs_ceiling_c32"]["passed"] is True
     assert checks["full_cache_hit_vs_miss_c32"]["passed"] is True
     assert checks["compact_idle_latency_overhead"]["passed"] is True
-    # the verdict uses the back-to-back forward; the detail adds the after-idleness comparison
+    # the verdict uses the decode-then-forward reference; the detail adds the components-alone,
+    # per-block and after-idleness comparisons
     assert checks["compact_idle_latency_overhead"]["value"] == pytest.approx(1.5)
     detail = checks["compact_idle_latency_overhead"]["detail"]
     assert "after 10 ms of idleness took 5.25 ms, +0.75 ms" in detail
