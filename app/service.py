@@ -97,7 +97,7 @@ class VQAService:
         sizes = sorted({min(b, s.max_batch_size) for b in self.warmup_sizes(p)})
         await loop.run_in_executor(self._forward_pool, p.warmup, sizes)
         self.runner = BatchRunner(p, self.cache if self.cache.enabled else None,
-                                  on_oom_split=lambda n: self.metrics.failures.labels("oom_split").inc())
+                                  on_oom_split=lambda n: self.metrics.oom_splits.inc())
         self.batcher = DynamicBatcher(self.runner, max_batch_size=s.max_batch_size,
                                       max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
                                       on_batch=self.metrics.observe_batch, on_skip=self._count_skip,
