@@ -68,14 +68,16 @@ class BatchRunner:
                 for idx, _ in members:
                     out[idx] = ans
                 continue
-            finite = ans.finite
-            if finite and self.cache is not None and ans.encoded:
+            if ans.feature_finite and self.cache is not None and ans.encoded:
                 key = jobs[members[0][0]].cache_key
                 if key is not None:
                     self.cache.put(key, ans.features)
+            rows = ans.rows_finite if ans.rows_finite is not None else [True] * len(ans.probs)
             start = 0
             for idx, n in members:
-                if finite:
+                # A non-finite answer fails the request whose question produced it, not every
+                # request about the same image (a non-finite feature fails them all).
+                if ans.feature_finite and all(rows[start : start + n]):
                     out[idx] = ImageAnswers(probs=ans.probs[start : start + n], features=ans.features,
                                             encoded=ans.encoded)
                 else:

@@ -189,6 +189,19 @@ class VQAService:
         return None
 
     # ------------------------------------------------------------------ request pipeline
+    # Real checks, not asserts (which ``python -O`` strips): a request that reaches the
+    # pipeline before start() or after a failed start gets a 503, never an AttributeError 500.
+    def _loaded_predictor(self) -> Predictor:
+        if self.predictor is None:
+            raise ApiError(503, "unavailable", "service not ready: model loading", headers={"Retry-After": "1"})
+        return self.predictor
+
+    def _running_batcher(self) -> DynamicBatcher:
+        self._loaded_predictor()
+        if self.batcher is None:
+            raise ApiError(503, "unavailable", "service not ready: model loading", headers={"Retry-After": "1"})
+        return self.batcher
+
     def parse_question(self, text: str) -> EncodedQuestion:
         s = self.settings
         q = text.strip()
@@ -199,11 +212,11 @@ class VQAService:
                            f"question has {len(q)} characters; the limit is {s.max_question_chars}")
         if any(unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n\r" for c in q):
             raise ApiError(422, "invalid_question", "question contains control characters")
-        assert self.predictor is not None
-        if len(tokenize(q)) > self.predictor.max_tokens:
+        predictor = self._loaded_predictor()
+        if len(tokenize(q)) > predictor.max_tokens:
             raise ApiError(422, "question_too_long",
-                           f"question has more than {self.predictor.max_tokens} words")
-        enc = self.predictor.encode_question(q)
+                           f"question has more than {predictor.max_tokens} words")
+        enc = predictor.encode_question(q)
         if len(enc) == 0:
             raise ApiError(422, "question_has_no_words", "question contains no words")
         return enc
@@ -211,15 +224,14 @@ class VQAService:
     def check_top_k(self, top_k: int) -> int:
         if not 1 <= top_k <= self.settings.max_top_k:
             raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {self.settings.max_top_k}")
-        assert self.predictor is not None
-        return min(top_k, len(self.predictor.answers))
+        return min(top_k, len(self._loaded_predictor().answers))
 
     async def ask(self, data: bytes, questions: list[EncodedQuestion], request_id: str) -> Asked:
         """Answer ``questions`` about the image in ``data`` (decoded once, encoded once)."""
-        assert self.batcher is not None and self.predictor is not None
+        batcher = self._running_batcher()
         start = time.perf_counter()
         # Announce before decoding: a batch being gathered may wait for this one.
-        with self.batcher.announce() as arrival:
+        with batcher.announce() as arrival:
             key = image_key(data)
             features = self.cache.get(key)
             pixels = None
@@ -232,7 +244,7 @@ class VQAService:
             job = AnswerJob(questions=questions, pixels=pixels, features=features, cache_key=key,
                             request_id=request_id)
             try:
-                done = await self.batcher.submit(job, self.settings.request_timeout_s, arrival)
+                done = await batcher.submit(job, self.settings.request_timeout_s, arrival)
             except QueueFull as e:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise ApiError(503, "overloaded", "request queue is full; retry later",

@@ -81,7 +81,13 @@ class ImageAnswers:
     probs: torch.Tensor  # [num_questions, num_answers] float32 on CPU
     features: torch.Tensor  # [embed] float32 on CPU, the image's unit feature
     encoded: bool  # whether the image encoder ran for this image (False: features given)
-    finite: bool = True  # its feature and every probability are finite numbers
+    feature_finite: bool = True  # the image's feature is finite (safe to cache and reuse)
+    rows_finite: Sequence[bool] | None = None  # per question: its probabilities are finite (None: all)
+
+    @property
+    def finite(self) -> bool:
+        """The feature and every probability are finite numbers."""
+        return self.feature_finite and (self.rows_finite is None or all(self.rows_finite))
 
 
 def fold_batchnorm(model: VQAModel) -> VQAModel:
@@ -208,8 +214,8 @@ class Predictor:
         encoded_set = set(to_encode)
         for i, n in enumerate(counts):
             out.append(ImageAnswers(probs=probs[start : start + n], features=img_cpu[i],
-                                    encoded=i in encoded_set,
-                                    finite=image_ok[i] and all(row_ok[start : start + n])))
+                                    encoded=i in encoded_set, feature_finite=image_ok[i],
+                                    rows_finite=row_ok[start : start + n]))
             start += n
         return out
 

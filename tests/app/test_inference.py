@@ -1,5 +1,5 @@
 """The batch handler (app/inference.py) alone, on the real tiny predictor: OOM split, failures
-that stay with their own images."""
+that stay with their own images, non-finite outputs that stay with their own questions."""
 
 from __future__ import annotations
 
@@ -109,3 +109,27 @@ def test_a_non_oom_failure_of_a_whole_batch_propagates(tiny_checkpoint):
     with pytest.raises(ValueError):
         runner(_jobs(p, [1, 2]))
 
+
+def test_a_non_finite_answer_fails_only_the_question_that_produced_it(tiny_checkpoint):
+    """Two requests about one image share its forward pass; a NaN in one question's answer
+    fails that request only, and the image's (finite) feature is still cached."""
+    from app.cache import FeatureCache
+
+    p = Predictor(tiny_checkpoint, device="cpu")
+    poisoned = p.encode_question(QUESTIONS[3])  # the only question with "not" in it
+    not_id = p.encode_question("not").ids[0]
+    answer_logits = p.model.answer_logits
+
+    def nan_for_not(image_features, ids, lengths):
+        logits = answer_logits(image_features, ids, lengths)
+        return torch.where((ids == not_id).any(dim=1, keepdim=True), float("nan"), logits)
+
+    p.model.answer_logits = nan_for_not  # type: ignore[method-assign]
+    cache = FeatureCache(16, 1 << 20)
+    image = _pixels(p, 7)
+    jobs = [AnswerJob(questions=[p.encode_question(QUESTIONS[0])], pixels=image, cache_key=b"same"),
+            AnswerJob(questions=[poisoned], pixels=image, cache_key=b"same")]
+    ok, bad = BatchRunner(p, cache)(jobs)
+    assert isinstance(ok, ImageAnswers) and torch.isfinite(ok.probs).all()
+    assert isinstance(bad, InferenceError) and bad.kind == "non_finite_output"
+    assert cache.get(b"same") is not None
