@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from models import EncodedQuestion, ImageAnswers, Predictor
+from models.predictor import padded_batch_sizes
 from models.vocab import tokenize
 
 from .batcher import (
@@ -94,7 +95,11 @@ class VQAService:
                                                         s.weights, s.device, s.precision)
             self.version = await asyncio.to_thread(_file_digest, Path(s.weights))
         p = self.predictor
-        sizes = sorted({min(b, s.max_batch_size) for b in self.warmup_sizes(p)})
+        sizes = self.warmup_sizes(p)
+        if p.device.type == "cuda":
+            # cudnn.benchmark autotunes per shape: image batches are padded to the warmed sizes,
+            # so live traffic never meets a shape it has not seen.
+            p.use_batch_buckets(sizes)
         await loop.run_in_executor(self._forward_pool, p.warmup, sizes)
         self.runner = BatchRunner(p, self.cache if self.cache.enabled else None,
                                   on_oom_split=lambda n: self.metrics.oom_splits.inc())
@@ -125,15 +130,14 @@ class VQAService:
         self.metrics.skipped.labels(label).inc()
 
     def warmup_sizes(self, p: Predictor) -> list[int]:
-        if self.settings.warmup_batch_sizes:
-            return self.settings.warmup_batch_sizes
+        """Batch sizes run at start-up. On CUDA they are also the sizes image batches are
+        padded up to, and always include ``max_batch_size``; default: padded_batch_sizes (10
+        shapes for a maximum of 32). On CPU (no autotuning, no padding): 1 by default."""
+        mx = self.settings.max_batch_size
+        chosen = {min(b, mx) for b in self.settings.warmup_batch_sizes}
         if p.device.type != "cuda":
-            return [1]
-        sizes, b = [], 1
-        while b < self.settings.max_batch_size:
-            sizes.append(b)
-            b *= 2
-        return sizes + [self.settings.max_batch_size]
+            return sorted(chosen or {1})
+        return sorted(chosen | {mx}) if chosen else padded_batch_sizes(mx)
 
     async def stop(self) -> None:
         """Drain: refuse new work, answer everything admitted, then release resources."""
