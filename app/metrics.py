@@ -24,6 +24,10 @@ class Metrics:
                                             buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("vqa_queue_depth", "requests waiting for a forward pass", registry=r)
         self.inflight = Gauge("vqa_inflight_requests", "admitted /v1 requests not yet answered", registry=r)
+        self.inflight_bytes = Gauge("vqa_inflight_bytes", "request-body bytes reserved by admitted requests "
+                                    "whose upload is not yet decoded (bound: VQA_MAX_INFLIGHT_MB)", registry=r)
+        self.inflight_bytes_peak = Gauge("vqa_inflight_bytes_peak", "the most request-body bytes reserved at "
+                                         "once since start", registry=r)
         self.cache_hits = Counter("vqa_feature_cache_hits", "image-feature cache hits", registry=r)
         self.cache_misses = Counter("vqa_feature_cache_misses", "image-feature cache misses", registry=r)
         self.cache_entries = Gauge("vqa_feature_cache_entries", "image features cached", registry=r)

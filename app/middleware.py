@@ -2,7 +2,10 @@
 
 Admission happens *before* the body is read, so an overloaded or draining server refuses in
 microseconds and an oversized upload is cut off at the limit while it streams in (never
-buffered in full, never written to disk in full).
+buffered in full, never written to disk in full). Admission is bounded by count and by bytes:
+each admitted request reserves its body in the service's bytes-in-flight budget
+(``VQA_MAX_INFLIGHT_MB``, app/inflight.py) -- its Content-Length up front, or chunk by chunk
+when it declares none -- and the service hands the bytes back once the upload is decoded.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, error_response
+from .inflight import Reservation
 from .service import VQAService
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -52,6 +56,22 @@ class BodyTimeout(HTTPException):
         super().__init__(408, f"the request body did not arrive within {seconds:g}s")
 
 
+class BodyOverBudget(HTTPException):
+    """Raised from ``receive`` when a body sent without a Content-Length outgrows the
+    bytes-in-flight budget: 503 + Retry-After, like a refusal at admission."""
+
+    code = "overloaded"
+
+    def __init__(self, retry_after: str) -> None:
+        super().__init__(503, "too many request bytes in flight; retry later", headers={"Retry-After": retry_after})
+
+
+def reservation_of(scope: Scope) -> Reservation | None:
+    """The body's bytes-in-flight reservation of an admitted inference request (for the
+    service to release once the raw bytes are no longer held)."""
+    return scope.get("state", {}).get("body_reservation")
+
+
 class ServiceMiddleware:
     def __init__(self, app: ASGIApp, service: VQAService) -> None:
         self.app = app
@@ -80,26 +100,39 @@ class ServiceMiddleware:
         metrics = self.service.metrics
         is_inference = scope["method"] == "POST" and scope["path"].startswith(INFERENCE_PREFIX)
         admitted = False
+        reservation: Reservation | None = None
         try:
             if is_inference:
                 refusal = self._admission_error(headers)
+                reason = refusal.code if refusal is not None else ""
+                if refusal is None:
+                    length = headers.get("content-length")
+                    reservation = self.service.inflight_bytes.reserve(int(length) if length else 0)
+                    if reservation is None:
+                        refusal, reason = self.service.overloaded("too many request bytes in flight"), "inflight_bytes"
                 if refusal is not None:
-                    metrics.rejected.labels(refusal.code).inc()
+                    metrics.rejected.labels(reason).inc()
                     response = error_response(request_id, refusal.status, refusal.code,
                                               refusal.message, refusal.headers)
                     await response(scope, receive, send_with_id)
                     return
                 admitted = True
                 self.service.inflight += 1
+                scope["state"]["body_reservation"] = reservation
                 settings = self.service.settings
-                receive = self._limit_body(receive, settings.max_upload_bytes, settings.body_timeout_s)
+                receive = self._limit_body(receive, settings.max_upload_bytes, settings.body_timeout_s,
+                                           None if headers.get("content-length") else reservation,
+                                           self.service.retry_after)
             await self.app(scope, receive, send_with_id)
-        except (BodyTooLarge, BodyTimeout) as e:  # raised outside the routed app
+        except (BodyTooLarge, BodyTimeout, BodyOverBudget) as e:  # raised outside the routed app
             if not response_started:
-                code = "payload_too_large" if isinstance(e, BodyTooLarge) else "request_timeout"
-                response = error_response(request_id, e.status_code, code, str(e.detail))
+                code = {BodyTooLarge: "payload_too_large", BodyTimeout: "request_timeout",
+                        BodyOverBudget: "overloaded"}[type(e)]
+                response = error_response(request_id, e.status_code, code, str(e.detail), e.headers)
                 await response(scope, receive, send_with_id)
         finally:
+            if reservation is not None:
+                reservation.release()
             if admitted:
                 self.service.inflight -= 1
             route = scope.get("route")
@@ -126,10 +159,13 @@ class ServiceMiddleware:
         return self.service.admission_error()
 
     @staticmethod
-    def _limit_body(receive: Receive, limit: int, timeout_s: float) -> Receive:
+    def _limit_body(receive: Receive, limit: int, timeout_s: float, grows: Reservation | None = None,
+                    retry_after=lambda: "1") -> Receive:
         """``receive`` that raises BodyTooLarge past ``limit`` bytes and BodyTimeout if the body
-        is not complete ``timeout_s`` after the first read. Once the body is complete, calls
-        pass straight through (the disconnect watcher waits on them indefinitely)."""
+        is not complete ``timeout_s`` after the first read; with ``grows`` (a body without a
+        Content-Length) each chunk is added to that reservation, BodyOverBudget if it does not
+        fit. Once the body is complete, calls pass straight through (the disconnect watcher
+        waits on them indefinitely)."""
         seen = 0
         complete = False
         deadline: float | None = None
@@ -145,9 +181,12 @@ class ServiceMiddleware:
             except asyncio.TimeoutError:
                 raise BodyTimeout(timeout_s) from None
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                seen += size
                 if seen > limit:
                     raise BodyTooLarge(limit)
+                if grows is not None and not grows.grow(size):
+                    raise BodyOverBudget(retry_after())
                 complete = not message.get("more_body", False)
             return message
 

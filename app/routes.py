@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from .errors import ApiError, request_id_of
+from .middleware import reservation_of
 from .metrics import CONTENT_TYPE_LATEST
 from .schemas import (
     AnswerResponse,
@@ -108,8 +109,11 @@ async def answer(
     k = svc.check_top_k(top_k)
     enc = svc.parse_question(question)
     data = await image.read()  # an empty file is refused by the decoder (400 empty_image)
+    await image.close()
+    work = svc.ask(data, [enc], request_id_of(request), reservation_of(request.scope))
+    del data  # ask() owns the upload now and frees it once decoded
     try:
-        asked = await unless_disconnected(request, svc.ask(data, [enc], request_id_of(request)))
+        asked = await unless_disconnected(request, work)
     except ClientGone:
         return Response(status_code=499)
     qa = _question_answer(svc, enc, asked.result.value.probs[0], k)
@@ -134,8 +138,11 @@ async def answers(
     if not encoded:
         raise ApiError(422, "empty_question", "at least one question is required")
     data = await image.read()  # an empty file is refused by the decoder (400 empty_image)
+    await image.close()
+    work = svc.ask(data, encoded, request_id_of(request), reservation_of(request.scope))
+    del data  # ask() owns the upload now and frees it once decoded
     try:
-        asked = await unless_disconnected(request, svc.ask(data, encoded, request_id_of(request)))
+        asked = await unless_disconnected(request, work)
     except ClientGone:
         return Response(status_code=499)
     probs = asked.result.value.probs

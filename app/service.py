@@ -31,12 +31,17 @@ from .batcher import (
 from .cache import FeatureCache, image_key
 from .cpu import forward_threads
 from .errors import ApiError
+from .inflight import ByteBudget, Reservation
 from .inference import AnswerJob, BatchRunner, InferenceError
 from .metrics import Metrics
 from .preprocessing import ImageError, decode_pixels
 from .settings import Settings
 
 log = logging.getLogger("vqa.service")
+
+# Uploads up to this size are hashed on the event loop (tens of microseconds); larger ones in
+# the decode pool (blake2b takes ~1.5 ms per MB here: 15 ms of a stalled loop for 10 MB).
+INLINE_HASH_BYTES = 256 * 1024
 
 
 @dataclass
@@ -84,6 +89,8 @@ class VQAService:
         self.loaded = False
         self.draining = False
         self.inflight = 0  # admitted /v1 requests not yet answered (the admission bound)
+        # Request-body bytes held at once (reserved at admission, released once decoded).
+        self.inflight_bytes = ByteBudget(int(settings.max_inflight_mb * 1024 * 1024))
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -110,6 +117,8 @@ class VQAService:
         self.batcher.start()
         self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth if self.batcher else 0)
         self.metrics.inflight.set_function(lambda: self.inflight)
+        self.metrics.inflight_bytes.set_function(lambda: self.inflight_bytes.in_use)
+        self.metrics.inflight_bytes_peak.set_function(lambda: self.inflight_bytes.peak)
         self.metrics.cache_entries.set_function(lambda: len(self.cache))
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         # Everything allocated so far (modules, the model, imported libraries: ~280k objects)
@@ -187,10 +196,14 @@ class VQAService:
                             headers={"Retry-After": "1"})
         s = self.settings
         if self.inflight >= s.max_queue + s.max_batch_size:
-            retry = self.batcher.retry_after_s() if self.batcher else 1.0
-            return ApiError(503, "overloaded", "server is at capacity; retry later",
-                            headers={"Retry-After": f"{retry:.0f}"})
+            return self.overloaded("server is at capacity")
         return None
+
+    def retry_after(self) -> str:
+        return f"{self.batcher.retry_after_s() if self.batcher else 1.0:.0f}"
+
+    def overloaded(self, why: str) -> ApiError:
+        return ApiError(503, "overloaded", f"{why}; retry later", headers={"Retry-After": self.retry_after()})
 
     # ------------------------------------------------------------------ request pipeline
     # Real checks, not asserts (which ``python -O`` strips): a request that reaches the
@@ -230,13 +243,21 @@ class VQAService:
             raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {self.settings.max_top_k}")
         return min(top_k, len(self._loaded_predictor().answers))
 
-    async def ask(self, data: bytes, questions: list[EncodedQuestion], request_id: str) -> Asked:
-        """Answer ``questions`` about the image in ``data`` (decoded once, encoded once)."""
+    async def ask(self, data: bytes, questions: list[EncodedQuestion], request_id: str,
+                  reservation: Reservation | None = None) -> Asked:
+        """Answer ``questions`` about the image in ``data`` (decoded once, encoded once).
+
+        Takes ``data`` over: the caller keeps no reference to it, so the raw upload is freed as
+        soon as it is hashed and decoded -- only its pixel tensor waits for the model -- and its
+        bytes-in-flight ``reservation`` is released then, not when the answer is ready."""
         batcher = self._running_batcher()
         start = time.perf_counter()
         # Announce before decoding: a batch being gathered may wait for this one.
         with batcher.announce() as arrival:
-            key = image_key(data)
+            if len(data) <= INLINE_HASH_BYTES:
+                key = image_key(data)
+            else:  # ~15 ms for 10 MB: not on the event loop
+                key = await asyncio.get_running_loop().run_in_executor(self._decode_pool, image_key, data)
             features = self.cache.get(key)
             pixels = None
             if features is None:
@@ -245,6 +266,9 @@ class VQAService:
                 pixels = await self._decode(data)
             else:
                 self.metrics.cache_hits.inc()
+            del data
+            if reservation is not None:
+                reservation.release()
             job = AnswerJob(questions=questions, pixels=pixels, features=features, cache_key=key,
                             request_id=request_id)
             try:

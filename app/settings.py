@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -38,6 +38,8 @@ class Settings(BaseSettings):
 
     # input bounds
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest accepted request body, bytes")
+    max_inflight_mb: float = Field(256.0, gt=0, description="request-body megabytes held at once by admitted "
+                                   "requests not yet decoded; beyond it: 503 (at least max_upload_bytes)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted image, width x height")
     max_question_chars: int = Field(300, ge=1, le=10_000, description="longest accepted question, characters")
     max_questions: int = Field(16, ge=1, le=256, description="questions per multi-question request, at most")
@@ -71,6 +73,12 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [x.strip() for x in v.split(",") if x.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _inflight_fits_one_upload(self) -> "Settings":
+        if self.max_inflight_mb * 1024 * 1024 < self.max_upload_bytes:
+            raise ValueError("max_inflight_mb must hold at least one upload of max_upload_bytes")
+        return self
 
     @field_validator("device")
     @classmethod

@@ -39,6 +39,15 @@ from .vqa import VQAModel
 
 log = logging.getLogger(__name__)
 
+# On CPU the image encoder runs in chunks whose largest activations (a convolution's input and
+# output) fit this budget, so one forward pass cannot add more than this to the process's
+# resident memory. Full VGG16 at 224x224 needs ~25 MB per image: a batch of 32 raised resident
+# memory by 784 MB for its forward pass, 8 by 195 MB; it now runs as chunks of 10. Its ceiling
+# at batch 8 was no lower than at 32 (bench/results/cpu.json: 12.98 vs 12.62 images/s), so this
+# costs no throughput; the shipped model (0.5 MB per image) is never chunked. Not on CUDA: device
+# memory is bounded by the OOM split, and GPUs want whole batches.
+CPU_ACTIVATION_BUDGET = 256 * 1024 * 1024
+
 _PRECISIONS = {"fp32": None, "float32": None, "fp16": torch.float16, "float16": torch.float16,
                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -115,6 +124,21 @@ def padded_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
+def activation_bytes_per_image(model: VQAModel) -> int:
+    """The largest input + output of one convolution of the image encoder, per image, float32:
+    what a forward pass holds at its peak (inference frees each activation once used)."""
+    side = model.cfg.image.image_size
+    channels, peak = 3, 0
+    for m in model.image_encoder.backbone.features:
+        if isinstance(m, nn.Conv2d):
+            out = (side + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1
+            peak = max(peak, channels * side * side + m.out_channels * out * out)
+            channels, side = m.out_channels, out
+        elif isinstance(m, nn.MaxPool2d):
+            side = side // m.stride if isinstance(m.stride, int) else side // m.stride[0]
+    return 4 * peak
+
+
 def fold_batchnorm(model: VQAModel) -> VQAModel:
     """An inference copy of ``model`` whose eval-mode BatchNorm layers are merged into the
     convolution each follows (one pass over the activations fewer per layer). Returns
@@ -164,6 +188,9 @@ class Predictor:
         self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1).to(self.device)
         self._std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1).to(self.device)
         self.batch_buckets: tuple[int, ...] = ()  # see use_batch_buckets
+        # Images per image-encoder pass (0: the whole batch); see CPU_ACTIVATION_BUDGET.
+        self.encoder_chunk = (max(1, CPU_ACTIVATION_BUDGET // activation_bytes_per_image(self.model))
+                              if self.device.type == "cpu" else 0)
         if self.device.type == "cuda":
             # Fixed input shapes: let cuDNN pick the fastest conv algorithms once per shape.
             torch.backends.cudnn.benchmark = True
@@ -242,12 +269,20 @@ class Predictor:
             x = x.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Staged pixels -> float32 features on the device, in chunks of ``encoder_chunk``."""
+        step = self.encoder_chunk or len(pixels)
+        if step >= len(pixels):
+            return self.model.encode_images(self._images_to_device(pixels)).float()
+        return torch.cat([self.model.encode_images(self._images_to_device(pixels[i : i + step])).float()
+                          for i in range(0, len(pixels), step)])
+
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, embed] float32 unit features on the CPU."""
         with self._autocast():
-            feats = self.model.encode_images(self._images_to_device(pixels))
-        return feats.float().cpu()
+            feats = self._encode(pixels)
+        return feats.cpu()
 
     @torch.inference_mode()
     def run(self, requests: Sequence[ImageQuestions]) -> list[ImageAnswers]:
@@ -278,7 +313,7 @@ class Predictor:
                 if len({p.dtype for p in parts}) > 1:  # type: ignore[union-attr]
                     raise ValueError("a batch mixes uint8 and float pixels")
                 pixels = self._stage(parts, self._bucket(len(parts)))  # type: ignore[arg-type]
-                encoded = self.model.encode_images(self._images_to_device(pixels)).float()
+                encoded = self._encode(pixels)
                 for j, i in enumerate(to_encode):
                     feats[i] = encoded[j]
             if cached:

@@ -321,3 +321,35 @@ def test_predictor_takes_over_a_model_without_batchnorm(tmp_path):
     assert q.model is not with_bn.model
     assert any(isinstance(m, nn.BatchNorm2d) for m in with_bn.model.modules())
     assert with_bn.model.image_encoder.backbone.features[0].weight.is_contiguous()
+
+
+def test_cpu_image_encoder_runs_in_chunks_that_bound_its_activations(tiny_checkpoint, monkeypatch):
+    """On CPU one forward pass holds at most CPU_ACTIVATION_BUDGET of activations: full VGG16
+    at 224x224 (25.7 MB per image) runs a batch of 32 as chunks of 10, the shipped model is
+    never chunked, and chunking does not change any answer."""
+    import copy
+
+    import models.predictor as predictor_module
+    from bench.regimes import full_size_config
+    from models import VQAModel
+    from models.predictor import activation_bytes_per_image
+
+    full = VQAModel(full_size_config(vocab_size=10, num_answers=3, image_size=224, width=1.0))
+    assert activation_bytes_per_image(full) == 4 * 2 * 64 * 224 * 224  # conv1_2: 64 channels in and out
+    assert predictor_module.CPU_ACTIVATION_BUDGET // activation_bytes_per_image(full) == 10
+    shipped = Predictor.from_file(REPO / "weights" / "easy-vqa.safetensors", device="cpu")
+    assert shipped.encoder_chunk >= 32
+
+    whole = Predictor(copy.deepcopy(tiny_checkpoint), device="cpu")
+    per_image = activation_bytes_per_image(whole.model)
+    monkeypatch.setattr(predictor_module, "CPU_ACTIVATION_BUDGET", 3 * per_image)
+    chunked = Predictor(copy.deepcopy(tiny_checkpoint), device="cpu")
+    assert chunked.encoder_chunk == 3
+    seen: list[int] = []
+    chunked.model.image_encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    x = (_images(7, whole.image_size) * 40 + 128).clamp(0, 255).to(torch.uint8)
+    q = whole.encode_question(QUESTIONS[0])
+    reqs = [ImageQuestions([q], pixels=x[i]) for i in range(7)]
+    for a, b in zip(chunked.run(reqs), whole.run(reqs)):
+        torch.testing.assert_close(a.probs, b.probs, atol=1e-5, rtol=1e-4)
+    assert seen == [3, 3, 1]
