@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from models import EncodedQuestion, ImageAnswers, Predictor
-from models.vocab import tokenize
 
 from .batcher import (
     BatcherClosed,
@@ -200,7 +199,7 @@ class VQAService:
         if any(unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n\r" for c in q):
             raise ApiError(422, "invalid_question", "question contains control characters")
         assert self.predictor is not None
-        if len(tokenize(q)) > self.predictor.max_tokens:
+        if len(self.predictor.vocab.tokenize(q)) > self.predictor.max_tokens:
             raise ApiError(422, "question_too_long",
                            f"question has more than {self.predictor.max_tokens} words")
         enc = self.predictor.encode_question(q)
@@ -261,7 +260,7 @@ class VQAService:
         try:
             return await loop.run_in_executor(
                 self._decode_pool,
-                lambda: decode_pixels(data, image_size=cfg.image_size, max_pixels=s.max_image_pixels,
+                lambda: decode_pixels(data, transform=cfg.transform, max_pixels=s.max_image_pixels,
                                       max_bytes=s.max_upload_bytes),
             )
         except ImageError as e:
