@@ -420,7 +420,7 @@ class Smoke:
         if bridged:
             log(f"WARNING: this engine has bridge networks ({bridged}); the smoke uses --network host only")
         self.record("engine", {"started_here": started, "networks": nets,
-                               "dockerd_args": DOCKERD_ARGS if started else None})
+                               "dockerd": _dockerd_cmdline()})
 
     # base
     def step_base(self) -> None:
@@ -431,8 +431,11 @@ class Smoke:
                 labels = json.loads(res.stdout)[0]["Config"].get("Labels") or {}
                 stand_in = STAND_IN_LABEL in labels
                 log(f"{tag} is present ({'the local stand-in' if stand_in else 'not a stand-in of ours'}): using it")
-                if "base" not in self.results.get("steps", {}) or not stand_in:
-                    self.record("base", {"image": tag, "stand_in": stand_in, "made_here": False})
+                prev = self.results.get("steps", {}).get("base", {})
+                prev.pop("at", None)
+                self.record("base", {**prev, "image": tag, "stand_in": stand_in,
+                                     "made_here": prev.get("made_here", False) and stand_in,
+                                     **self._probe_base(tag)})
                 return
         log(f"making a LOCAL STAND-IN for {tag} (Docker Hub is out of reach): debootstrap + Debian's Python")
         root = STATE / "rootfs" if self.run.dry else Path(tempfile.mkdtemp(prefix="rootfs-", dir=STATE))
@@ -451,13 +454,16 @@ class Smoke:
                 shutil.rmtree(root, ignore_errors=True)
         if self.run.dry:
             return
-        probe = self.run(["docker", "run", "--rm", "--network", "host", tag, "sh", "-c",
-                          "python -V; command -v python pip python3 pip3"], quiet=True).stdout.split()
-        size = int(inspect(self.run, tag, "{{.Size}}", kind="image"))
         self.record("base", {"image": tag, "stand_in": True, "made_here": True,
                              "how": shlex.join(debootstrap_argv(Path("ROOT"), debian_mirror())),
-                             "python": " ".join(probe[:2]), "paths": probe[2:],
-                             "size_mb": round(size / 1e6), "seconds": round(time.monotonic() - started)})
+                             "seconds": round(time.monotonic() - started), **self._probe_base(tag)})
+
+    def _probe_base(self, tag: str) -> dict:
+        probe = self.run(["docker", "run", "--rm", "--network", "host", tag, "sh", "-c",
+                          "python -V; for n in python python3 pip pip3; do command -v $n; done"],
+                         quiet=True).stdout.split()
+        size = int(inspect(self.run, tag, "{{.Size}}", kind="image"))
+        return {"python": " ".join(probe[:2]), "paths": probe[2:], "size_mb": round(size / 1e6)}
 
     @staticmethod
     def _lay_out_like_python_image(root: Path) -> None:
@@ -813,7 +819,10 @@ def render_report(results: dict) -> str:
         p1 = r["user"]["pid1"]
         return f"uid {p1['uid']}, gid {p1['gid']} (PID 1: `{p1['cmdline']}`)"
 
+    eng = st.get("engine", {})
     rows = [
+        ("engine", f"`{eng.get('dockerd')}`; networks: "
+         + ", ".join(f"{n.split()[0]} ({n.split()[1]})" for n in eng.get("networks", []))),
         ("base image", f"`{base['image']}`: " + ("**local stand-in** (debootstrap minbase bookworm + "
          f"Debian {base.get('python', 'Python 3.11')}), {base.get('size_mb', '?')} MB" if base["stand_in"]
          else "the real image")),
@@ -981,6 +990,17 @@ def _metric(text: str, name: str, **labels: str) -> float:
         if all(found.get(k) == v for k, v in labels.items()):
             total += float(m.group(3))
     return total
+
+
+def _dockerd_cmdline() -> str | None:
+    """The running dockerd's command line (this machine's), to show how the engine was started."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "dockerd":
+                return (comm.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+    return None
 
 
 def _http_json(url: str) -> dict:
