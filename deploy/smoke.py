@@ -172,12 +172,13 @@ def cleanup_argvs(variants: list[str], remove_base: bool) -> list[list[str]]:
     argvs = [["docker", "rm", "-f", CONTAINER],
              compose_argv(compose_files(), "down", "--remove-orphans", "--timeout", "5"),
              ["docker", "rmi", "-f", CACHED_TAG, *(image_tag(v) for v in variants)],
-             # the stages' untagged images and the legacy builder's intermediates, all built
-             # on the base (they carry its label)
-             ["docker", "image", "prune", "-af", "--filter", f"label={STAND_IN_LABEL}"],
+             # the stages' untagged images, built on the base (they carry its label)
+             ["docker", "image", "prune", "-f", "--filter", f"label={STAND_IN_LABEL}"],
              ["docker", "builder", "prune", "-af"]]
     if remove_base:
-        argvs.append(["docker", "rmi", base_image()])
+        # everything built on the stand-in that no container uses, the stand-in included
+        argvs += [["docker", "image", "prune", "-af", "--filter", f"label={STAND_IN_LABEL}"],
+                  ["docker", "rmi", "-f", base_image()]]
     return argvs
 
 
