@@ -513,7 +513,7 @@ class Smoke:
                 shutil.rmtree(ctx, ignore_errors=True)
         if self.run.dry:
             return
-        first_rebuilt = next((s["instruction"] for s in cached["steps"] if not s["cached"]), None)
+        first_rebuilt = next((s["instruction"][:100] for s in cached["steps"] if s["cached"] is False), None)
         deps_cached = any(s["cached"] and "requirements.txt" in s["instruction"] for s in cached["steps"])
         self.record("build", {
             "image": tag, "variant": variant,
@@ -557,7 +557,7 @@ class Smoke:
         for line in out.splitlines():
             size, _, by = line.partition("\t")
             if size not in ("0B", "0"):
-                by = re.sub(r"^/bin/sh -c (#\(nop\) )?", "", by).strip()
+                by = re.sub(r"^/bin/sh -c (#\(nop\) )?", "", by).strip() or "(the base image)"
                 rows.append(f"{size}  {by[:90]}")
         return rows
 
@@ -857,13 +857,16 @@ def render_report(results: dict) -> str:
 
 
 def parse_legacy_build_log(text: str) -> list[dict]:
-    """[{instruction, cached}] from the classic builder's ``Step i/n : ...`` output."""
+    """[{instruction, cached}] from the classic builder's ``Step i/n : ...`` output; a FROM
+    step is neither cached nor rebuilt (cached: None)."""
     steps = []
     for m in re.finditer(r"^Step \d+/\d+ : (.*)$", text, re.M):
         tail = text[m.end():]
         nxt = re.search(r"^Step \d+/\d+ : ", tail, re.M)
         body = tail[:nxt.start()] if nxt else tail
-        steps.append({"instruction": m.group(1)[:100], "cached": "Using cache" in body})
+        instruction = m.group(1)
+        cached = None if instruction.upper().startswith("FROM ") else "Using cache" in body
+        steps.append({"instruction": instruction, "cached": cached})
     return steps
 
 
