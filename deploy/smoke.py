@@ -803,7 +803,9 @@ def render_report(results: dict) -> str:
     base, cpu = st["base"], st.get("cpu-variant")
 
     def drain(d: dict) -> str:
-        late = ", ".join(f"{n} {k}" for k, n in d["late_status"].items())
+        names = {"refused": "connection refused", "ReadError": "reset, never accepted",
+                 "RemoteProtocolError": "reset, never accepted"}
+        late = ", ".join(f"{n} {names.get(k, k)}" for k, n in d["late_status"].items())
         return (f"{d['sent']} sent at concurrency {d['concurrency']}, all admitted before the stop "
                 f"({d['server_inflight_at_stop']:.0f} still in flight, {d['server_queue_depth_at_stop']:.0f} queued): "
                 f"{d['status'].get('200', 0)} answered 200, {d['right_answers']} right; "
@@ -828,7 +830,8 @@ def render_report(results: dict) -> str:
          f"Debian {base.get('python', 'Python 3.11')}), {base.get('size_mb', '?')} MB" if base["stand_in"]
          else "the real image")),
         (f"image `{b['image']}`", f"{b['size_mb'] / 1000:.2f} GB"),
-        ("cold build (`--no-cache`)", f"{b['cold_s']:.0f} s"),
+        ("cold build (`--no-cache`)", f"{b['cold_s']:.0f} s (a shared machine: load average "
+         f"{b['loadavg_1m_after']:g} on its CPUs after the builds)"),
         ("rebuild after a code-only change", f"{b['code_change_s']:.0f} s; dependency layer "
          f"{'reused' if b['code_change_reused_dependency_layer'] else 'REBUILT'}, first step rebuilt: "
          f"`{b['code_change_first_rebuilt_step']}`"),
