@@ -9,6 +9,12 @@ Policies, each tested in ``tests/app/test_batcher.py``:
 
 * **Bounded queue.** A full queue raises :class:`QueueFull` at once (the service answers 503
   with ``Retry-After``); nothing waits unboundedly.
+* **No admission that cannot meet its deadline.** An item whose expected wait -- everything
+  queued ahead of it and what is left of the batch in progress, at the recent seconds per item
+  -- exceeds its timeout raises :class:`QueueFull` (reason ``"deadline"``) at once instead of
+  :class:`DeadlineExceeded` a timeout later: a model slower than the queue is sized for (a
+  busy CPU, a large model) sheds load with 503s, and what is admitted is answered. An item
+  with nothing queued or running ahead of it is always admitted (it re-measures the speed).
 * **No idle wait.** A lone request does not wait ``max_wait_s`` for companions that are not
   coming: the batch waits only while callers have *announced* an item that is on its way
   (``announce()``: e.g. a request whose image is being decoded).
@@ -47,9 +53,14 @@ class BatcherError(Exception):
 
 
 class QueueFull(BatcherError):
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__(f"queue full; retry after {retry_after_s:.0f}s")
+    """Refused at once: the queue is full (``reason`` "queue_full") or the item could not be
+    answered within its timeout at the current speed ("deadline")."""
+
+    def __init__(self, retry_after_s: float, reason: str = "queue_full") -> None:
+        super().__init__(f"{'queue full' if reason == 'queue_full' else 'deadline out of reach'}; "
+                         f"retry after {retry_after_s:.0f}s")
         self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 class BatcherClosed(BatcherError):
@@ -144,7 +155,9 @@ class DynamicBatcher(Generic[T, R]):
             raise ValueError("the handler's executor must have exactly one thread")
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self._avg_batch_s = 0.0
+        self._avg_item_s = 0.0  # recent forward-pass seconds per item (0 until a batch has run)
         self._running_since: float | None = None  # start of the forward pass in progress
+        self._running_items = 0
         self.failure: BaseException | None = None  # set if the worker loop itself died
 
     # ----------------------------------------------------------------- lifecycle
@@ -191,6 +204,11 @@ class DynamicBatcher(Generic[T, R]):
         return 0.0 if started is None else time.monotonic() - started
 
     @property
+    def running_items(self) -> int:
+        """Items in the batch on the device (0 when idle)."""
+        return 0 if self._running_since is None else self._running_items
+
+    @property
     def queue_depth(self) -> int:
         """Items waiting for a batch (withdrawn ones leave the queue at once)."""
         return len(self._pending)
@@ -198,6 +216,19 @@ class DynamicBatcher(Generic[T, R]):
     @property
     def incoming(self) -> int:
         return self._incoming
+
+    def expected_wait_s(self, ahead: int = 0) -> float:
+        """Seconds until one more item would have its result, queued behind ``ahead`` items not
+        yet submitted (e.g. uploads still being read), everything pending and what is left of
+        the batch in progress, at the recent seconds per item; 0 while nothing is queued, running
+        or ahead, or before any batch has run."""
+        queued = ahead + len(self._pending)
+        if self._avg_item_s == 0 or (queued == 0 and self._running_since is None):
+            return 0.0
+        running = 0.0
+        if self._running_since is not None:
+            running = max(0.0, self._running_items * self._avg_item_s - self.busy_s)
+        return (queued + 1) * self._avg_item_s + running
 
     def retry_after_s(self) -> float:
         """A client-facing estimate of when the queue will have room again (>= 1 s)."""
@@ -221,6 +252,8 @@ class DynamicBatcher(Generic[T, R]):
                 raise BatcherClosed("server is not accepting requests")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(self.retry_after_s())
+            if self.expected_wait_s() > timeout_s:
+                raise QueueFull(self.retry_after_s(), reason="deadline")
             loop = asyncio.get_running_loop()
             now = time.monotonic()
             pending = _Pending(item, loop.create_future(), now + timeout_s, now)
@@ -319,6 +352,7 @@ class DynamicBatcher(Generic[T, R]):
     async def _compute(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         started = self._running_since = time.monotonic()
+        self._running_items = len(batch)
         try:
             results = await loop.run_in_executor(self._executor, self.handler, [p.item for p in batch])
             if len(results) != len(batch):
@@ -333,6 +367,8 @@ class DynamicBatcher(Generic[T, R]):
             self._running_since = None
             run_s = time.monotonic() - started
             self._avg_batch_s = run_s if self._avg_batch_s == 0 else 0.8 * self._avg_batch_s + 0.2 * run_s
+            item_s = run_s / len(batch)
+            self._avg_item_s = item_s if self._avg_item_s == 0 else 0.8 * self._avg_item_s + 0.2 * item_s
             if self.on_batch is not None:
                 self.on_batch(len(batch), run_s)
         for p, r in zip(batch, results):

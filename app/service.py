@@ -196,6 +196,12 @@ class VQAService:
         s = self.settings
         if self.inflight >= s.max_queue + s.max_batch_size:
             return self.overloaded("server is at capacity")
+        # Every admitted request (uploading, decoding, queued or on the device) is ahead of this
+        # one: refuse now, before its body is read, if the model cannot reach it in time.
+        b = self.batcher
+        ahead = self.inflight - b.queue_depth - b.running_items  # type: ignore[union-attr]
+        if b.expected_wait_s(max(0, ahead)) > s.request_timeout_s:  # type: ignore[union-attr]
+            return self.overloaded("the model cannot answer another request within the deadline")
         return None
 
     def retry_after(self) -> str:
@@ -273,8 +279,10 @@ class VQAService:
             try:
                 done = await batcher.submit(job, self.settings.request_timeout_s, arrival)
             except QueueFull as e:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise ApiError(503, "overloaded", "request queue is full; retry later",
+                self.metrics.rejected.labels(e.reason).inc()
+                why = ("request queue is full" if e.reason == "queue_full"
+                       else "the model cannot answer this request within the deadline")
+                raise ApiError(503, "overloaded", f"{why}; retry later",
                                headers={"Retry-After": f"{e.retry_after_s:.0f}"}) from None
             except BatcherClosed:
                 raise ApiError(503, "unavailable", "server is shutting down or unhealthy",

@@ -363,3 +363,26 @@ def test_deadline_gives_504_and_server_recovers():
     r, ok = run(main())
     assert_error(r, 504, "timeout")
     assert ok.status_code == 200
+
+
+def test_a_request_the_model_cannot_reach_in_time_is_refused_at_admission(monkeypatch):
+    """When the batcher expects a new request to wait past its deadline (its estimate is tested
+    in tests/app/test_batcher.py), the request gets 503 + Retry-After at admission, before its
+    body is read, and never reaches the model; once the estimate is back within the deadline,
+    requests are answered."""
+    async def main():
+        async with running_app() as (app, client):
+            svc, seen = app.state.service, []
+            svc.runner.fault_injector = lambda reqs: seen.append(len(reqs))
+            monkeypatch.setattr(svc.batcher, "expected_wait_s",
+                                lambda ahead=0: svc.settings.request_timeout_s + 1)
+            refused = await client.post("/v1/answer", **form(png_bytes(), "what shape"))
+            monkeypatch.undo()
+            ok = await client.post("/v1/answer", **form(png_bytes(), "what shape"))
+            return refused, ok, seen
+
+    refused, ok, seen = run(main())
+    assert_error(refused, 503, "overloaded")
+    assert "within the deadline" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert ok.status_code == 200 and seen == [1]

@@ -335,3 +335,60 @@ def test_withdrawn_items_do_not_count_against_the_queue_bound():
     assert depth == 0
     assert values == ["answer:blocker", "answer:c", "answer:d"]
     assert ["a"] not in batches and ["b"] not in batches
+
+
+def test_an_item_that_cannot_meet_its_deadline_is_refused_at_once():
+    """After a batch has shown the speed (at least 0.3 s per item: the handler sleeps that
+    long), an item with a 0.1 s timeout behind a running batch is refused with QueueFull
+    ("deadline") when submitted, not failed with DeadlineExceeded a timeout later; an item with
+    nothing ahead of it is always admitted, however slow the last batch was."""
+    slow = threading.Event()
+
+    class Slow(Recorder):
+        def __call__(self, items):
+            if "slow" in items:
+                slow.wait(0.3)  # never set: sleeps 0.3 s
+            return super().__call__(items)
+
+    async def main():
+        rec = Slow()
+        b = make(rec)
+        await b.submit("slow", GUARD_S)
+        assert b.expected_wait_s() == 0  # idle
+        lone = await b.submit("lone", 0.1)  # nothing ahead: admitted, and fast
+        blocker = await _busy(b, rec)
+        assert b.expected_wait_s() >= 0.2  # 0.8 x 0.3 s per item at least, one item running
+        with pytest.raises(QueueFull) as refused:
+            await b.submit("late", 0.1)
+        rec.gate.set()
+        await blocker
+        await b.stop()
+        return rec, lone, refused.value
+
+    rec, lone, refused = run(main())
+    assert lone.value == "answer:lone"
+    assert refused.reason == "deadline" and refused.retry_after_s >= 1
+    assert "late" not in sum(rec.batches, [])
+
+
+def test_expected_wait_counts_the_queue_and_items_not_yet_submitted():
+    async def main():
+        rec = Recorder()
+        b = make(rec, max_batch_size=1)
+        await b.submit("first", GUARD_S)  # measures some seconds per item
+        per_item = b._avg_item_s
+        blocker = await _busy(b, rec)
+        queued = [asyncio.create_task(b.submit(f"q{i}", GUARD_S)) for i in range(3)]
+        await asyncio.sleep(0)
+        waits = b.expected_wait_s(), b.expected_wait_s(ahead=2)
+        rec.gate.set()
+        await asyncio.gather(blocker, *queued)
+        await b.stop()
+        return per_item, waits
+
+    per_item, (wait, wait_ahead) = run(main())
+    assert per_item > 0
+    # 3 queued + this one, plus what is left of the running batch; 2 more ahead add 2 items'
+    # worth (less the running batch's progress between the two calls)
+    assert wait >= 4 * per_item
+    assert per_item < wait_ahead - wait <= 2 * per_item + 1e-9

@@ -84,7 +84,7 @@ def test_burst_of_500_gets_only_200_and_503_then_serves_normally(busy_server, ea
 
     assert delta("vqa_requests_total", route="/v1/answer", method="POST", status="200") == len(ok)
     assert delta("vqa_rejected_total", reason="overloaded") + delta("vqa_rejected_total", reason="queue_full") \
-        == len(refused)
+        + delta("vqa_rejected_total", reason="deadline") == len(refused)
     assert delta("vqa_batch_size_sum") == len(ok)  # computed exactly the admitted ones
     assert metric(after, "vqa_queue_depth") == 0
 
