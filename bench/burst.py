@@ -37,8 +37,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 from PIL import Image
 
+from bench import machine
 from bench.regimes import make_full_size_weights
 from bench.server import ServerProcess, memory_kb
 from bench.workloads import draw_shape
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-log", type=Path, help="the server's log file")
     args = p.parse_args(argv)
     extra = dict(kv.split("=", 1) for kv in args.server_env)
+    load_start = machine.load_average()
     with tempfile.TemporaryDirectory(prefix="vqa-burst-") as tmp:
         weights = make_full_size_weights(Path(tmp) / "full.safetensors", args.image_size, args.width)
         env = {"VQA_WEIGHTS": str(weights), **extra}
@@ -256,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     report["command"] = "vqa-burst" + ("" if argv is None and len(sys.argv) < 2 else
                                        " " + " ".join(argv if argv is not None else sys.argv[1:]))
     report["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    report["machine"] = machine.describe(torch.device("cpu"))
+    report["load_average_start"], report["load_average_end"] = load_start, machine.load_average()
     sys.stdout.write(markdown(report))
     text = json.dumps(report, indent=1)
     if args.json:

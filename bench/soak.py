@@ -36,7 +36,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import torch
 
+from bench import machine
 from bench.server import ServerProcess, memory_kb
 from bench.workloads import draw_shape
 
@@ -328,11 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = dict(requests=args.requests, concurrency=args.concurrency, warmup=args.warmup, pool=args.pool,
                   seed=args.seed, request_timeout_s=args.request_timeout, max_seconds=args.max_seconds,
                   max_rss_growth=args.max_rss_growth)
+    load_start = machine.load_average()
     if args.url:
         report = run_soak(args.url, args.pid, **kwargs)
     else:
         with ServerProcess(log_path=args.server_log) as srv:
             report = run_soak(srv.url, srv.pid, **kwargs)
+    # Where and when, with the numbers (docs/reliability.md renders them from the JSON).
+    report["command"] = " ".join(["vqa-soak", *(sys.argv[1:] if argv is None else argv)])
+    report["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    report["machine"] = machine.describe(torch.device("cpu"))
+    report["load_average_start"], report["load_average_end"] = load_start, machine.load_average()
     sys.stdout.write(markdown(report))
     text = json.dumps(report, indent=2)
     if args.json:

@@ -1,0 +1,157 @@
+"""The generated sections of README.md and docs/*.md (see bench/docgen.py), each rendered from
+committed results in bench/results/."""
+
+from __future__ import annotations
+
+from .checks import cell, compute_checks
+from .docgen import RESULTS, section
+from .report import render
+
+# --- vqa-bench (bench/run.py): docs/performance.md, README -------------------------------
+
+
+def bench_results(results: dict) -> dict:
+    # The checks are pure functions of the measurements: recompute them, so a re-render shows
+    # the current definitions (bench/checks.py) rather than those of the run's day.
+    return {**results, "checks": compute_checks(results)}
+
+
+@section("vqa-bench:cpu", "bench/results/cpu.json")
+def _bench_cpu(results: dict) -> str:
+    return render(bench_results(results), RESULTS / "cpu.json")
+
+
+def _cuda_not_measured() -> str:
+    return """**Not measured: no device was lent** to the sessions that wrote and re-ran this benchmark. On a machine
+with a GPU, one command fills this section (ceiling images/s at batch 1/8/32/64/128, service
+requests/s at concurrency 64 and every other level, and the batched ÷ unbatched ratio in the
+*service ÷ baseline* column):
+
+```bash
+vqa-bench --device cuda --concurrency 1,8,32,64,128 --ceiling-batch-sizes 1,8,32,64,128 \\
+    --requests 1024 --rounds 8 --doc docs/performance.md    # writes bench/results/cuda.json
+```
+
+`bench/gpu_check.sh` runs this same benchmark after the GPU checks (`tests/gpu/`), writing the
+JSON and this section to its output folder. Commit `bench/results/cuda.json` and run
+`python -m bench.docgen` to put it here.
+"""
+
+
+@section("vqa-bench:cuda", "bench/results/cuda.json", missing=_cuda_not_measured)
+def _bench_cuda(results: dict) -> str:
+    return render(bench_results(results), RESULTS / "cuda.json")
+
+
+def _check(results: dict, name: str) -> dict:
+    return next(c for c in results["checks"] if c["name"] == name)
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}×"
+
+
+@section("results:bench-summary", "bench/results/cpu.json")
+def _bench_summary(results: dict) -> str:
+    r = bench_results(results)
+    speedup, p99 = _check(r, "compact_batched_vs_unbatched_c32"), _check(r, "compact_p99_batched_vs_unbatched_c32")
+    ceiling, hit = _check(r, "full_service_vs_ceiling_c32"), _check(r, "full_cache_hit_vs_miss_c32")
+    idle_c, idle_f = _check(r, "compact_idle_latency_overhead"), _check(r, "full_idle_latency_overhead")
+    s = cell(r, "compact", "service", "miss", 32)
+    b = cell(r, "compact", "baseline", "miss", 32)
+    failed = [c["name"] for c in r["checks"] if c["passed"] is False]
+    m = r["machine"]
+    text = (
+        f"On this project's {m['cpus']}-core CPU (the run in docs/performance.md, {r['created'][:10]}): "
+        f"batching serves the shipped model {_x(speedup['value'])} faster than the unbatched server at "
+        f"concurrency 32 ({s['requests_per_s']:.0f} vs {b['requests_per_s']:.0f} req/s; target ≥ 3×) with "
+        f"{_x(p99['value'])} its p99; full-size VGG16 is served at {_x(ceiling['value'])} the model's own "
+        f"throughput (ceiling; target ≥ 0.9×); cache hits are {hit['value']:.0f}× faster than misses. A lone "
+        f"request costs {idle_c['value']:+.2f} ms (shipped model) and {idle_f['value']:+.2f} ms (full VGG16) "
+        f"over its preprocessing plus a batch-1 forward pass (target ≤ 2 ms). "
+        + (f"Checks missed in that run: {', '.join(f'`{n}`' for n in failed)}. " if failed else
+           "Every check passed in that run. ")
+        + "[docs/performance.md](docs/performance.md) has the method and the breakdown. "
+        + ("A GPU run is in `bench/results/cuda.json`." if (RESULTS / "cuda.json").exists()
+           else "No GPU has been measured yet.")
+    )
+    return text + "\n"
+
+
+# --- vqa-soak (bench/soak.py): docs/reliability.md, README -------------------------------
+
+
+def _machine_line(m: dict) -> str:
+    parts = [f"{m['cpu_model']}, {m['cpus']} CPUs"]
+    if m.get("memory_gib"):
+        parts.append(f"{m['memory_gib']} GiB RAM")
+    return "; ".join(parts + [f"Python {m['python']}", f"torch {m['torch']}"])
+
+
+def _provenance(report: dict, path: str) -> str:
+    m, load = report["machine"], report["load_average_start"]
+    shared = (" The machine was shared with other jobs (a load average above its core count): times "
+              "and rates are not this server's alone; memory figures do not depend on them."
+              if load and m.get("cpus") and max(load[0], report["load_average_end"][0]) > m["cpus"] else "")
+    return (f"`{report['command']}` on {_machine_line(m)}, {report['created']} (load average "
+            f"{load} at start, {report['load_average_end']} at the end); results: `{path}`.{shared}")
+
+
+@section("results:soak", "bench/results/soak.json")
+def _soak(report: dict) -> str:
+    c, rss, lat = report["config"], report["rss_mb"], report["latency_ms"]
+    verdict = "**PASS**" if report["passed"] else "**FAIL**: " + "; ".join(report["failures"])
+    lines = [
+        _provenance(report, "bench/results/soak.json") + f" {verdict}", "",
+        f"* **{report['answered']:,} of {report['sent']:,} answered, {report['lost']} lost, "
+        f"{report['unexpected']} unexpected statuses** in {report['wall_s']} s after a {c['warmup']:,}-request "
+        f"warm-up, concurrency {c['concurrency']} ({report['throughput_rps']:.0f} req/s; client-observed p50 "
+        f"{lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms).",
+        f"* Server resident memory **{rss['after_warmup']} MB after the warm-up → {rss['at_end']} MB at the end "
+        f"({rss['growth_pct']:+.2f}%**, limit {100 * c['max_rss_growth']:.0f}%; peak {rss['peak']} MB).",
+        "* The mix (status per kind of request):", "",
+        "| request kind | status | count |", "|---|---|---:|",
+    ]
+    for key, n in report["by_kind"].items():
+        kind, status = key.split()
+        lines.append(f"| {kind} | {status} | {n:,} |")
+    return "\n".join(lines) + "\n"
+
+
+@section("results:soak-inline", "bench/results/soak.json", inline=True)
+def _soak_inline(report: dict) -> str:
+    return (f"{report['answered']:,} mixed requests, {report['lost']} lost, "
+            f"{report['rss_mb']['growth_pct']:+.2f}% memory")
+
+
+# --- vqa-burst (bench/burst.py): docs/reliability.md --------------------------------------
+
+
+def _burst_not_measured() -> str:
+    return ("Not committed yet: `vqa-burst --json bench/results/burst.json`, then `python -m bench.docgen`, "
+            "puts the run here.\n")
+
+
+@section("results:burst", "bench/results/burst.json", missing=_burst_not_measured)
+def _burst(report: dict) -> str:
+    c, rss = report["config"], report["rss_mb"]
+    env = " ".join(f"`{k}={v}`" for k, v in c["server_env"].items()) or "defaults"
+    statuses = ", ".join(f"{n} × {s}" for s, n in report["statuses"].items())
+    verdict = "**PASS**" if report["passed"] else "**FAIL**: " + "; ".join(report["failures"])
+    peak = report.get("server_inflight_bytes_peak")
+    lines = [
+        _provenance(report, "bench/results/burst.json") + f" {verdict}", "",
+        f"* {c['uploads']} concurrent uploads of {c['upload_bytes'] / 1e6:.1f} MB ({report['sent_mb']:,} MiB in "
+        f"all) to a server on full-size VGG16, random weights (server settings beyond the weights: {env}).",
+        f"* Answers: {statuses} (every 503 with `Retry-After`: "
+        f"{'yes' if not any('Retry-After' in f for f in report['failures']) else 'no'}), all in "
+        f"{report['wall_s']} s; the slowest took {report['slowest_answer_s']} s.",
+        f"* Server resident memory **{rss['idle']} MB at idle, at most {rss['peak_during_burst']} MB during the "
+        f"burst: {rss['growth']:+.0f} MB** (limit {c['max_growth_mb']:g} MB; {rss['samples']} samples, one "
+        f"every 20 ms).",
+    ]
+    if peak is not None:
+        lines.append(f"* Upload bytes reserved at once, at most (`vqa_inflight_bytes_peak`): "
+                     f"{peak / 2**20:.1f} MiB.")
+    lines.append(f"* Right after: `/readyz` {report['after']['readyz']}, a question {report['after']['answer']}.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,72 @@
+"""The docs' figures come from committed results (bench/docgen.py): the committed README.md and
+docs/*.md are exactly what the renderer makes of bench/results/*.json, and a hand edit, a
+misspelt marker or a results file left without a section is caught."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import docgen
+from bench.docgen import REPO, RESULTS
+
+
+def test_committed_docs_are_what_their_results_render():
+    diffs = docgen.check()
+    assert not diffs, "docs differ from bench/results (run `python -m bench.docgen`):\n" + "".join(diffs)
+
+
+def test_every_registered_section_is_in_a_doc():
+    used = {name for p in docgen.doc_paths() for name in docgen.sections_in(p.read_text())}
+    sections = docgen._sections()
+    assert set(sections) <= used, f"registered but in no doc: {sorted(set(sections) - used)}"
+
+
+def test_a_figure_edited_by_hand_is_caught():
+    text = (REPO / "README.md").read_text()
+    begin = text.index("<!-- results:bench-summary:begin -->")
+    i = text.index("×", begin)  # the first ratio in the generated summary
+    edited = text[:i - 1] + str((int(text[i - 1]) + 1) % 10) + text[i:]
+    assert docgen.render_doc(edited) == text != edited
+
+
+def test_misspelt_or_unpaired_markers_are_refused():
+    with pytest.raises(ValueError, match="unknown generated section"):
+        docgen.render_doc("<!-- results:nope:begin -->\n1.23 ms\n<!-- results:nope:end -->\n")
+    with pytest.raises(ValueError, match="no matching end"):
+        docgen.render_doc("<!-- results:soak:begin -->\n+0.25%\n<!-- results:soak:stop -->\n")
+
+
+def test_inline_and_block_sections(monkeypatch, tmp_path):
+    """A block section gets its own lines and a do-not-edit header naming its source; an inline
+    one is a phrase; one with a ``missing`` fallback renders it while its results are absent."""
+    monkeypatch.setattr(docgen, "REPO", tmp_path)
+    monkeypatch.setattr(docgen, "SECTIONS", {})
+    monkeypatch.setattr(docgen, "_registered", True)
+    (tmp_path / "r.json").write_text(json.dumps({"x": 1.5}))
+    docgen.section("results:t-block", "r.json")(lambda r: f"| x |\n|---|\n| {r['x']} |\n")
+    docgen.section("results:t-inline", "r.json", inline=True)(lambda r: f"x = {r['x']}")
+    docgen.section("results:t-missing", "absent.json", missing=lambda: "Not measured.")(lambda r: "never")
+    text = ("A (<!-- results:t-inline:begin -->old<!-- results:t-inline:end -->).\n\n"
+            "<!-- results:t-block:begin -->\nold\n<!-- results:t-block:end -->\n"
+            "<!-- results:t-missing:begin --><!-- results:t-missing:end -->\n")
+    assert docgen.render_doc(text) == (
+        "A (<!-- results:t-inline:begin -->x = 1.5<!-- results:t-inline:end -->).\n\n"
+        "<!-- results:t-block:begin -->\n"
+        "<!-- generated from r.json by `python -m bench.docgen`; do not edit by hand -->\n"
+        "| x |\n|---|\n| 1.5 |\n<!-- results:t-block:end -->\n"
+        "<!-- results:t-missing:begin -->\n"
+        "<!-- generated (absent.json not committed) by `python -m bench.docgen`; do not edit by hand -->\n"
+        "Not measured.\n<!-- results:t-missing:end -->\n")
+
+
+def test_vqa_bench_doc_update_writes_what_docgen_renders(tmp_path):
+    """``vqa-bench --doc`` (bench.report.update_doc) and ``python -m bench.docgen`` agree, so a
+    benchmark run followed by committing its JSON passes the check above."""
+    from bench.report import update_doc
+
+    doc = tmp_path / "perf.md"
+    doc.write_text("x\n<!-- vqa-bench:cpu:begin -->\nstale\n<!-- vqa-bench:cpu:end -->\n")
+    update_doc(doc, docgen.load("bench/results/cpu.json"), RESULTS / "cpu.json")
+    assert doc.read_text() == docgen.render_doc("x\n<!-- vqa-bench:cpu:begin --><!-- vqa-bench:cpu:end -->\n")
