@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import random
 import re
-import resource
 import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -174,16 +173,42 @@ def no_pixel_decoding(monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", forbidden_load)
 
 
+def _status_kb() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f)
+                if k in ("VmRSS", "VmHWM")}
+
+
+def peak_rss_growth_kb(fn):
+    """(fn(), how far this process's resident memory peaked above where it was, in KiB), while
+    fn ran. The peak (VmHWM) is reset first (Linux: ``5`` > /proc/self/clear_refs), so a peak
+    left by an earlier test cannot hide this one (ru_maxrss is the process's lifetime peak)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kb()["VmRSS"]
+    out = fn()
+    return out, _status_kb()["VmHWM"] - before
+
+
+def test_peak_rss_growth_sees_a_transient_allocation():
+    def allocate_and_free():
+        block = bytearray(200 * 1024 * 1024)
+        block[:: 4096] = b"\1" * len(block[:: 4096])  # touch every page
+        del block
+
+    _, grew = peak_rss_growth_kb(allocate_and_free)
+    assert grew > 150 * 1024
+
+
 @pytest.mark.parametrize("max_pixels", [MAX_PIXELS, 10**12])
 def test_png_bomb_is_refused_from_its_header(no_pixel_decoding, max_pixels):
     # 50000x50000 declared in a ~200-byte file: 2.5 G pixels once decoded. With max_pixels
     # raised past PIL's own limit, PIL's DecompressionBombError still refuses it.
     data = CORPUS["png_bomb_50000x50000"][0]
     assert len(data) < 1024
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    err = refusal(data, max_pixels=max_pixels)
+    err, peak_growth_kb = peak_rss_growth_kb(lambda: refusal(data, max_pixels=max_pixels))
     assert (err.status, err.code) == (413, "too_many_pixels")
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 100 * 1024
+    assert peak_growth_kb < 100 * 1024
 
 
 def test_own_pixel_limit_applies_before_decoding(no_pixel_decoding):

@@ -63,11 +63,19 @@ def test_every_cell_was_measured_and_answered(smoke):
                 assert c["requests"] == max(6, conc)
                 assert c["statuses"] == {"200": c["requests"]}, (name, server, workload, conc)
                 assert c["cache_hit_fraction"] == (1.0 if workload == "hit" else 0.0)
-                assert c["latency_ms"]["p50"] <= c["latency_ms"]["p99"]
-                assert c["loadgen"]["cpu_s"] > 0
+                # The client's clock spans the server's own: a request cannot take less time
+                # than the server says it spent on it.
+                assert c["latency_ms"]["p50"] >= c["server_timing_ms"]["total_p50"], (name, server, c)
+                # Closed loop: `conc` workers, one request each at a time, cannot have spent more
+                # request-time than conc x the cell's wall time.
+                assert c["latency_ms"]["mean"] / 1000 * c["requests"] <= conc * c["wall_s"] * 1.01
+                assert c["requests_per_s"] == pytest.approx(c["ok"] / c["wall_s"])
         assert r["healthz_probe"]["statuses"] == {"200": 20}
         idle = r["idle"]
-        assert idle["expected_ms"] == pytest.approx(idle["decode_ms_p50"] + idle["forward_ms_p50"])
+        # every block ran (quick counts: bench/regimes.py) and the client saw at least the
+        # server's own span
+        assert len(idle["block_overhead_ms"]) == idle["blocks"] > 0
+        assert idle["service_p50_ms"] >= idle["server_timing_ms"]["total_p50"]
 
 
 @pytest.mark.slow

@@ -42,11 +42,27 @@ def test_cell_request_counts():
 
 
 def test_full_size_weights_load_and_answer(tmp_path):
+    """The random full-size checkpoint: VGG16's 13 convolutions without BatchNorm, the shipped
+    vocabularies, and the same weights for the same seed (so runs compare like with like)."""
+    from torch import nn
+
+    from models.checkpoint import load_checkpoint
+
     path = make_full_size_weights(tmp_path / "w.safetensors", image_size=32, width=1 / 16)
-    p = Predictor.from_file(path, "cpu")
+    again = make_full_size_weights(tmp_path / "again.safetensors", image_size=32, width=1 / 16)
+    a, b = load_checkpoint(path), load_checkpoint(again)
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), name
+    layers = list(a.model.image_encoder.backbone.features)
+    assert sum(isinstance(m, nn.Conv2d) for m in layers) == 13
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in layers)
+    p = Predictor(a, "cpu")
     assert p.image_size == 32 and p.model.cfg.image.pool_size == 7
-    answers = p.predict(torch.zeros(2, 3, 32, 32), ["what shape is in the image", "what color is the shape"])
-    assert len(answers) == 2
+    answers = p.predict(torch.zeros(2, 3, 32, 32), ["what shape is in the image", "what color is the shape"], top_k=3)
+    for top in answers:
+        assert [c for _, c in top] == sorted((c for _, c in top), reverse=True)
+        assert all(answer in p.answers.answers for answer, _ in top)
+        assert 0 < sum(c for _, c in top) <= 1 + 1e-6
 
 
 def _cell(workload, conc, rps, p99=100.0, **extra):
