@@ -91,7 +91,7 @@ def _machine_line(m: dict) -> str:
 def _provenance(report: dict, path: str) -> str:
     m, load = report["machine"], report["load_average_start"]
     shared = (" The machine was shared with other jobs (a load average above its core count): times "
-              "and rates are not this server's alone; memory figures do not depend on them."
+              "and rates are not this server's alone."
               if load and m.get("cpus") and max(load[0], report["load_average_end"][0]) > m["cpus"] else "")
     return (f"`{report['command']}` on {_machine_line(m)}, {report['created']} (load average "
             f"{load} at start, {report['load_average_end']} at the end); results: `{path}`.{shared}")
