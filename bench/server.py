@@ -40,7 +40,7 @@ class ServerProcess:
     """``with ServerProcess({"VQA_MAX_BATCH_SIZE": "1"}) as srv: httpx.get(srv.url + "/readyz")``"""
 
     def __init__(self, settings: dict[str, str] | None = None, port: int | None = None,
-                 log_path: Path | None = None, ready_timeout_s: float = 120, repo: Path = REPO,
+                 log_path: Path | None = None, ready_timeout_s: float = 300, repo: Path = REPO,
                  command: list[str] | None = None, ready_path: str = "/readyz") -> None:
         """``repo``: the source tree to serve (e.g. a checkout of an older commit, to compare
         against); ``command``: what to run there instead of ``python -m app.cli``."""
@@ -60,7 +60,11 @@ class ServerProcess:
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.command, cwd=self.repo, env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:  # not ready in time: do not leave the child running
+            self.stop(signal.SIGKILL, timeout_s=10)
+            raise
         return self
 
     def wait_ready(self) -> None:
