@@ -103,7 +103,8 @@ def test_fast_path_answers_exactly_like_the_fastapi_routes(easy_vqa_samples):
 
 
 def test_openapi_schema_is_unchanged():
-    """/openapi.json as it was before the fast path (regenerate the snapshot only on purpose)."""
+    """/openapi.json as main's FastAPI routes generate it (taken before the fast path, b0ec374;
+    regenerated from main after #14 added ModelInfo.precision). Regenerate only on purpose."""
     app = create_app(make_settings())
     assert app.openapi() == json.loads(SNAPSHOT.read_text())
 
