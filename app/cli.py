@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .workers import resolve_workers, serve
+
+    workers = resolve_workers(settings)
+    if workers > 1:  # front ends + one model-owning process (app/workers.py)
+        raise SystemExit(serve(args.host, args.port, workers, settings))
     config = uvicorn.Config(
         "app.main:asgi", host=args.host, port=args.port, log_level=settings.log_level,
         access_log=settings.access_log,
