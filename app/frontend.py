@@ -352,14 +352,28 @@ class FrontEndService(VQAService):
             return f"front ends starting ({self.started.get()} of {self.front_ends})"
         return super().not_ready_reason()
 
-    async def ask(self, data: bytes, questions: list[EncodedQuestion], request_id: str) -> Asked:
-        """As :meth:`VQAService.ask`, with the batcher in the model process."""
+    async def ask(self, data: bytes, questions: list[EncodedQuestion], request_id: str,
+                  reservation=None) -> Asked:
+        """As :meth:`VQAService.ask`, with the batcher in the model process. ``reservation``
+        (the body's share of a bytes-in-flight budget, if the caller holds one) is released
+        once the upload is no longer needed: found in the cache, or decoded."""
         self._running_batcher()
         start = time.perf_counter()
         key = image_key(data)
+
+        async def decode():
+            try:
+                return await self._decode(data)
+            finally:
+                if reservation is not None:
+                    reservation.release()
+
         try:
-            m, probs, cached = await self.remote.ask(key, questions, self.settings.request_timeout_s,
-                                                     lambda: self._decode(data))
+            try:
+                m, probs, cached = await self.remote.ask(key, questions, self.settings.request_timeout_s, decode)
+            finally:
+                if reservation is not None:
+                    reservation.release()
         except QueueFull as e:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(503, "overloaded", "request queue is full; retry later",
