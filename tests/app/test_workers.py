@@ -202,3 +202,26 @@ def test_queue_full_is_refused_before_the_front_end_decodes():
             await server.stop()
 
     assert run(scenario()) == 2
+
+
+def test_accept_backlog_counts_connections_the_server_has_not_taken():
+    """What the drain waits on before closing a listener (closing it would reset them)."""
+    import socket
+    import time
+
+    from app.cli import accept_backlog
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        deadline = time.monotonic() + 10
+        while accept_backlog(listener) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert accept_backlog(listener) == 3
+        listener.accept()[0].close()
+        assert accept_backlog(listener) == 2
+        for c in clients:
+            c.close()
+    with socket.socket() as idle:
+        assert accept_backlog(idle) == 0  # not listening
