@@ -89,7 +89,8 @@ class VQAService:
         self.draining = False
         self.inflight = 0  # admitted /v1 requests not yet answered (the admission bound)
         # Request-body bytes held at once (reserved at admission, released once decoded).
-        self.inflight_bytes = ByteBudget(int(settings.max_inflight_mb * 1024 * 1024))
+        # With VQA_WORKERS=N front ends, each holds its share, so the bound holds for the pod.
+        self.inflight_bytes = ByteBudget(int(settings.max_inflight_mb * 1024 * 1024) // max(1, settings.workers))
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -199,9 +200,10 @@ class VQAService:
         # Every admitted request (uploading, decoding, queued or on the device) is ahead of this
         # one: refuse now, before its body is read, if the model cannot reach it in time.
         b = self.batcher
-        ahead = self.inflight - b.queue_depth - b.running_items  # type: ignore[union-attr]
-        if b.expected_wait_s(max(0, ahead)) > s.request_timeout_s:  # type: ignore[union-attr]
-            return self.overloaded("the model cannot answer another request within the deadline")
+        if isinstance(b, DynamicBatcher):  # the batcher is in this process (not VQA_WORKERS>1)
+            ahead = self.inflight - b.queue_depth - b.running_items
+            if b.expected_wait_s(max(0, ahead)) > s.request_timeout_s:
+                return self.overloaded("the model cannot answer another request within the deadline")
         return None
 
     def retry_after(self) -> str:

@@ -102,6 +102,12 @@ def replace_section(text: str, name: str, inner: str, where: str = "text") -> st
     return pattern.sub(lambda _: begin + inner + end, text)
 
 
+def write_section(doc: Path, name: str, body: str) -> None:
+    """Put ``body`` (a section's rendering, e.g. from results just measured) into ``doc``'s
+    section ``name``, exactly as :func:`render_doc` would from the committed results file."""
+    doc.write_text(replace_section(doc.read_text(), name, wrap(_sections()[name], body), str(doc)))
+
+
 def render_doc(text: str, where: str = "text") -> str:
     """``text`` with every generated section re-rendered. Refuses unknown or unpaired markers, so
     a misspelt marker cannot leave hand-typed figures unchecked."""

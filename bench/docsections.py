@@ -155,3 +155,30 @@ def _burst(report: dict) -> str:
                      f"{peak / 2**20:.1f} MiB.")
     lines.append(f"* Right after: `/readyz` {report['after']['readyz']}, a question {report['after']['answer']}.")
     return "\n".join(lines) + "\n"
+
+
+# --- #13's HTTP-path benchmarks (bench/httpcost.py, bench/peer.py, bench/scaling.py) --------
+# Each module renders its own section; `vqa-bench http|litserve|scaling --doc` writes it
+# through bench.docgen.write_section, so the doc matches what the check renders.
+
+
+def _not_measured() -> str:
+    return "Not measured yet.\n"
+
+
+@section("vqa-bench:http", "bench/results/http-cpu.json", missing=_not_measured)
+def _http(results: dict) -> str:
+    from .httpcost import render as render_http
+    return render_http(results)
+
+
+@section("vqa-bench:litserve", "bench/results/litserve-cpu.json", missing=_not_measured)
+def _litserve(results: dict) -> str:
+    from .peer import render as render_peer
+    return render_peer(results)
+
+
+@section("vqa-bench:scaling", "bench/results/scaling-cpu.json", missing=_not_measured)
+def _scaling(results: dict) -> str:
+    from .scaling import render as render_scaling
+    return render_scaling(results)
