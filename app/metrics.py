@@ -34,6 +34,11 @@ class Metrics:
                                ["reason"], registry=r)
         self.failures = Counter("vqa_inference_failures", "requests failed inside inference, by kind",
                                 ["kind"], registry=r)
+        self.explanations = Counter("vqa_explanations", "explain=true requests by outcome (ok; busy: refused "
+                                    "over VQA_EXPLAIN_CONCURRENCY; failed)", ["outcome"], registry=r)
+        self.explain_duration = Histogram("vqa_explain_duration_seconds", "Grad-CAM computation (decode + "
+                                          "forward + backward), one explanation", buckets=_LATENCY_BUCKETS, registry=r)
+        self.explaining = Gauge("vqa_explanations_inflight", "explain=true requests being answered", registry=r)
         self.ready = Gauge("vqa_ready", "1 when the model is loaded, warmed up and accepting", registry=r)
 
     def observe_batch(self, size: int, seconds: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Annotated, Awaitable, TypeVar
 
@@ -16,13 +17,14 @@ from .schemas import (
     AnswerScore,
     BatchingInfo,
     ErrorResponse,
+    Explanation,
     Health,
     ModelInfo,
     MultiAnswerResponse,
     QuestionAnswer,
     Timing,
 )
-from .service import Asked, VQAService
+from .service import Asked, Explained, VQAService
 
 router = APIRouter()
 STATIC = Path(__file__).resolve().parent / "static"
@@ -82,6 +84,15 @@ def _question_answer(svc: VQAService, enc, probs, top_k: int) -> QuestionAnswer:
     )
 
 
+def _explanation(e: Explained) -> Explanation:
+    grid = e.cam.heatmap
+    block = e.cam.layer.block
+    return Explanation(method=e.cam.method, answer=e.answer,
+                       layer=f"VGG16 block {block}: conv{block}_3 after ReLU, before its max-pool",
+                       shape=list(grid.shape), grid=[[round(v, 4) for v in row] for row in grid.tolist()],
+                       explain_ms=round(e.seconds * 1000, 3))
+
+
 def _timing(asked: Asked) -> Timing:
     r = asked.result
     return Timing(queue_ms=round(r.queued_s * 1000, 3), inference_ms=round(r.run_s * 1000, 3),
@@ -94,7 +105,8 @@ ImageField = Annotated[UploadFile, File(description="the image: PNG, JPEG, WebP,
 TopKField = Annotated[int, Form(description="how many ranked answers to return")]
 
 
-@router.post("/v1/answer", response_model=AnswerResponse, responses=_ERRORS, tags=["answer"],
+@router.post("/v1/answer", response_model=AnswerResponse, response_model_exclude_none=True, responses=_ERRORS,
+             tags=["answer"],
              summary="Answer one question about an image")
 async def answer(
     request: Request,
@@ -103,18 +115,26 @@ async def answer(
     question: Annotated[str, Form(min_length=1,
                                   description="a question in English, e.g. 'what color is the shape?'")],
     top_k: TopKField = 3,
+    explain: Annotated[bool, Form(description="also return `explanation`: a Grad-CAM heatmap of where the "
+                                  "model looked for its top answer (costs a backward pass; at most "
+                                  "VQA_EXPLAIN_CONCURRENCY at once, 503 beyond)")] = False,
     svc: VQAService = Depends(get_service),
 ):
     k = svc.check_top_k(top_k)
     enc = svc.parse_question(question)
     data = await image.read()  # an empty file is refused by the decoder (400 empty_image)
-    try:
-        asked = await unless_disconnected(request, svc.ask(data, [enc], request_id_of(request)))
-    except ClientGone:
-        return Response(status_code=499)
+    explained = None
+    with svc.explain_slot() if explain else contextlib.nullcontext():
+        try:
+            asked = await unless_disconnected(request, svc.ask(data, [enc], request_id_of(request)))
+            if explain:
+                explained = await unless_disconnected(request, svc.explain(data, enc, request_id_of(request)))
+        except ClientGone:
+            return Response(status_code=499)
     qa = _question_answer(svc, enc, asked.result.value.probs[0], k)
     return AnswerResponse(**qa.model_dump(), model=svc.predictor.name,  # type: ignore[union-attr]
-                          image_cached=asked.cached, timing=_timing(asked))
+                          image_cached=asked.cached, timing=_timing(asked),
+                          explanation=_explanation(explained) if explained is not None else None)
 
 
 @router.post("/v1/answers", response_model=MultiAnswerResponse, responses=_ERRORS, tags=["answer"],

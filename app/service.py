@@ -5,6 +5,7 @@ thin and only translate HTTP to these calls."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from models import EncodedQuestion, ImageAnswers, Predictor
+from models.gradcam import GradCam
 from models.vocab import tokenize
 
 from .batcher import (
@@ -43,6 +45,13 @@ class Asked:
     result: Completed[ImageAnswers]
     cached: bool
     total_s: float
+
+
+@dataclass
+class Explained:
+    cam: GradCam
+    answer: str
+    seconds: float
 
 
 def _file_digest(path: Path) -> str:
@@ -83,6 +92,7 @@ class VQAService:
         self.loaded = False
         self.draining = False
         self.inflight = 0  # admitted /v1 requests not yet answered (the admission bound)
+        self.explaining = 0  # explain=true requests being answered (VQA_EXPLAIN_CONCURRENCY)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -105,6 +115,7 @@ class VQAService:
         self.batcher.start()
         self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth if self.batcher else 0)
         self.metrics.inflight.set_function(lambda: self.inflight)
+        self.metrics.explaining.set_function(lambda: self.explaining)
         self.metrics.cache_entries.set_function(lambda: len(self.cache))
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         # Everything allocated so far (modules, the model, imported libraries: ~280k objects)
@@ -138,6 +149,11 @@ class VQAService:
     async def stop(self) -> None:
         """Drain: refuse new work, answer everything admitted, then release resources."""
         self.draining = True
+        # Explanations admitted before the drain still need the forward thread (which the
+        # batcher's stop shuts down) after their answer: let them finish first.
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        while self.explaining and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         if self.batcher is not None:
             drained = await self.batcher.stop(timeout_s=self.settings.shutdown_timeout_s)
             log.info("batcher stopped (%s)", "drained" if drained else "drain timed out")
@@ -253,6 +269,50 @@ class VQAService:
                 raise ApiError(500, "inference_failed",
                                "the model failed on this request; quote the request_id") from None
         return Asked(done, cached=features is not None, total_s=time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ explanations
+    @contextlib.contextmanager
+    def explain_slot(self):
+        """Hold one of the ``explain_concurrency`` slots for an explain=true request, or refuse
+        it at once (503): explanations cost a backward pass each and share the forward thread
+        with every batch, so their number is bounded separately from plain requests."""
+        limit = self.settings.explain_concurrency
+        if self.explaining >= limit:
+            self.metrics.explanations.labels("busy").inc()
+            raise ApiError(503, "explain_busy", f"{limit} explanations are already being computed; retry "
+                           "later, or ask without explain", headers={"Retry-After": "1"})
+        self.explaining += 1
+        try:
+            yield
+        finally:
+            self.explaining -= 1
+
+    async def explain(self, data: bytes, question: EncodedQuestion, request_id: str) -> Explained:
+        """Grad-CAM of the top answer for the image in ``data`` (``models/gradcam.py``).
+
+        Always decodes the image, cached features or not (the heatmap needs the pixels), and
+        runs on the forward thread, between batches: the predictor's model is never used by
+        two threads at once. Call inside :meth:`explain_slot`."""
+        assert self.predictor is not None
+        start = time.perf_counter()
+        pixels = await self._decode(data)
+        loop = asyncio.get_running_loop()
+        try:
+            cam = await asyncio.wait_for(
+                loop.run_in_executor(self._forward_pool, self.predictor.explain, pixels, question),
+                self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            self.metrics.explanations.labels("failed").inc()
+            raise ApiError(504, "timeout", f"no explanation within {self.settings.request_timeout_s:g}s") from None
+        except Exception as e:
+            self.metrics.explanations.labels("failed").inc()
+            log.error("explanation failed for request_id=%s: %s", request_id, type(e).__name__, exc_info=e)
+            raise ApiError(500, "inference_failed",
+                           "the explanation failed on this request; quote the request_id") from None
+        seconds = time.perf_counter() - start
+        self.metrics.explanations.labels("ok").inc()
+        self.metrics.explain_duration.observe(seconds)
+        return Explained(cam, self.predictor.answers[cam.answer_index], seconds)
 
     async def _decode(self, data: bytes):
         s = self.settings

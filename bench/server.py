@@ -40,19 +40,22 @@ class ServerProcess:
     """``with ServerProcess({"VQA_MAX_BATCH_SIZE": "1"}) as srv: httpx.get(srv.url + "/readyz")``"""
 
     def __init__(self, settings: dict[str, str] | None = None, port: int | None = None,
-                 log_path: Path | None = None, ready_timeout_s: float = 120) -> None:
+                 log_path: Path | None = None, ready_timeout_s: float = 120, cwd: Path | None = None) -> None:
+        """``cwd``: the source tree to serve (default: this repository); another checkout, e.g. a
+        baseline commit extracted by a benchmark, runs its own ``app`` package."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "VQA_HOST": "127.0.0.1", "VQA_PORT": str(self.port),
                     "VQA_LOG_LEVEL": "warning", **(settings or {})}
         self.log_path = log_path
+        self.cwd = cwd or REPO
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None
         self._log = None
 
     def start(self) -> "ServerProcess":
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=REPO, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=self.cwd, env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         self.wait_ready()
         return self
