@@ -1,8 +1,10 @@
 """``vqa-eval``: accuracy of a checkpoint on the easy-VQA test split (9,673 questions).
 
 Runs the same predictor and image transform the service uses, each image encoded once.
-Prints overall accuracy, accuracy by question kind (yes/no, color, shape) and the most
-frequent confusions; ``--json`` prints the same as JSON.
+Prints overall accuracy, accuracy by question kind (yes/no, color, shape), calibration and the
+most frequent confusions, then the same for the **natural-phrasing set**: every test question
+asked once more in a held-out wording (``training/phrasings.py``: ``EVAL``, never trained on);
+``--json`` prints both as JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from models import ImageQuestions, Predictor
 
 from .data import VQASplit, load_easy_vqa, question_kind
+from .phrasings import natural_split
 from .train import DEFAULT_OUT
 
 
@@ -61,6 +64,14 @@ def evaluate(predictor: Predictor, split: VQASplit, batch_images: int = 64) -> d
     }
 
 
+def _examples(predictor: Predictor, split: VQASplit, n: int = 6) -> list[dict]:
+    """The first ``n`` questions of ``split`` with the model's answers, for the report."""
+    reqs = [ImageQuestions(questions=[predictor.encode_question(split.questions[q])],
+                           pixels=split.images[int(split.image_index[q])]) for q in range(n)]
+    return [{"question": split.questions[q], "expected": split.answers[q],
+             "predicted": predictor.answers[int(a.probs[0].argmax())]} for q, a in enumerate(predictor.run(reqs))]
+
+
 def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
     """Standard ECE: |accuracy - mean confidence| per equal-width confidence bin, weighted by the
     bin's share of questions. 0 means the confidences are as likely to be right as they claim."""
@@ -74,9 +85,17 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
 
 
 def format_report(report: dict, weights: Path) -> str:
+    lines = [f"checkpoint  {weights}"] + _format_part(report, "test split")
+    if "natural_phrasings" in report:
+        lines += ["", *_format_part(report["natural_phrasings"], "natural phrasings (held-out wordings of the test split)")]
+        lines += ["examples:", *[f"  {e['question']!r} -> {e['predicted']} (expected {e['expected']})"
+                                 for e in report["natural_phrasings"]["examples"]]]
+    return "\n".join(lines)
+
+
+def _format_part(report: dict, title: str) -> list[str]:
     lines = [
-        f"checkpoint  {weights}",
-        f"test split  {report['questions']} questions about {report['images']} images",
+        f"{title}: {report['questions']} questions about {report['images']} images",
         f"accuracy    {100 * report['accuracy']:.2f}%  ({report['correct']}/{report['questions']})",
     ]
     for kind, r in report["by_kind"].items():
@@ -89,7 +108,7 @@ def format_report(report: dict, weights: Path) -> str:
     else:
         lines.append("no confusions")
     lines.append(f"evaluated in {report['seconds']}s on {report['device']}")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,11 +117,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", help="auto, fp32, fp16 or bf16")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-natural", action="store_true", help="skip the natural-phrasing set")
     args = p.parse_args(argv)
     predictor = Predictor.from_file(args.weights, device=args.device, precision=args.precision)
     split = load_easy_vqa("test", image_size=predictor.image_size)
     with torch.inference_mode():
         report = evaluate(predictor, split)
+        if not args.no_natural:
+            natural = natural_split(split)
+            report["natural_phrasings"] = evaluate(predictor, natural)
+            report["natural_phrasings"]["examples"] = _examples(predictor, natural)
     print(json.dumps(report, indent=2) if args.json else format_report(report, args.weights))
 
 
