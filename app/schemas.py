@@ -36,8 +36,9 @@ class Explanation(BaseModel):
     method: str = Field(description="how the heatmap was computed: `grad-cam` (Selvaraju et al. 2017: channel "
                         "weights = the answer logit's gradient averaged over the grid) or `hirescam` (Draelos "
                         "& Carin 2020: gradient times activation cell by cell, then summed over channels)")
-    answer: str = Field(description="the answer explained: the top answer of the explanation's own float32 "
-                        "pass (equal to `answer` except, on reduced-precision GPUs, at near ties)")
+    answer: str = Field(description="the answer explained (the gradient is that of its log-probability: "
+                        "why this answer rather than the others): the top answer of the explanation's own "
+                        "float32 pass, equal to `answer` except, on reduced-precision GPUs, at near ties")
     layer: str = Field(description="the feature maps explained: the last convolution (after ReLU) of the "
                        "deepest VGG16 block whose grid is at least 8x8 at the model's input size: block 4 "
                        "(8x8) for the shipped 64x64 model, block 5, the last, (14x14) for full-size VGG16 "

@@ -7,6 +7,10 @@ weigh each channel, and keep the positive part of the weighted sum of maps:
 HiResCAM (Draelos & Carin, 2020) skips the spatial average: ``relu(sum_c dlogit/dA_c * A_c)``
 cell by cell; it is the default (see :data:`DEFAULT_METHOD`), both come from the same pass.
 
+**Which score.** The gradient is that of the top answer's log-probability rather than of its
+raw logit (see :func:`_contrastive_score`): on the shipped model the raw logit's heat fell
+largely on the background, evidence for every shape answer at once.
+
 **Which layer.** The output of the last convolution (after its ReLU) of a VGG16 block, before
 that block's max-pool: the *deepest* block whose grid is still at least
 :data:`MIN_GRID` cells a side. Deeper maps are more about the answer, shallower ones are
@@ -65,8 +69,8 @@ METHODS = ("grad-cam", "hirescam")
 # Served by default: HiResCAM. Grad-CAM's channel weights average the gradient over the grid,
 # which is exact only when the layers after the explained one are a global average pool and a
 # linear map. Here block 5, a 2x2 pool and the position-aware VGG classifier follow block 4, and
-# on the shipped model Grad-CAM's heat landed in the shape's box no more often than uniform heat
-# would, while HiResCAM's did clearly more (bench/results/explain.json has both, side by side).
+# on the shipped model HiResCAM put clearly more of its heat in the shape's box than Grad-CAM
+# (bench/results/explain.json has both, side by side, beside the uniform-heat baseline).
 DEFAULT_METHOD = "hirescam"
 
 
@@ -77,6 +81,20 @@ class GradCam:
     probs: torch.Tensor  # [num_answers] this pass's answer probabilities
     layer: CamLayer
     method: str = "grad-cam"
+
+
+def _contrastive_score(logits: torch.Tensor, target: int) -> torch.Tensor:
+    """A score whose gradient is that of the answer's log-probability, up to a positive factor:
+    ``d log p_t = (1 - p_t) * d(z_t - sum_j w_j z_j)`` with ``w`` the softmax of the other logits
+    (held constant). "Why this answer rather than the others": evidence that raises every
+    answer's logit alike (the background, for a shape question) cancels out, which the raw
+    logit's gradient keeps. Computed this way it never saturates, however sure the model is
+    (``1 - p_t`` rounds to 0 in float32 at p_t > 0.99999994; the map is scaled to its maximum)."""
+    if logits.numel() == 1:
+        return logits[0]
+    others = torch.cat([logits[:target], logits[target + 1 :]])
+    weights = torch.softmax(others.detach(), dim=0)
+    return logits[target] - (weights * others).sum()
 
 
 def grad_cam(model: VQAModel, pixels: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
@@ -112,7 +130,7 @@ def grad_cam(model: VQAModel, pixels: torch.Tensor, ids: torch.Tensor, lengths: 
         # VQAModel.answer_logits with the question already encoded.
         logits = model.head((model.image_scale * feature).to(q.dtype) * q).float()
         target = int(logits[0].argmax()) if answer_index is None else int(answer_index)
-        (grad,) = torch.autograd.grad(logits[0, target], maps)
+        (grad,) = torch.autograd.grad(_contrastive_score(logits[0], target), maps)
     with torch.no_grad():
         if method == "grad-cam":
             weights = grad.mean(dim=(2, 3), keepdim=True)  # [1, C, 1, 1]: one weight per channel

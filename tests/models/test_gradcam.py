@@ -45,7 +45,7 @@ def test_layer_is_the_deepest_block_with_an_8x8_grid(size, batch_norm, block, gr
 
 def _reference_cam(model: VQAModel, x, ids, lengths, block: int, method: str) -> tuple[torch.Tensor, int]:
     """Grad-CAM the textbook way: a forward hook keeps the block's last ReLU output, the whole
-    model runs forward, the top logit is back-propagated with ``.backward()``."""
+    model runs forward, the top answer's log-probability is back-propagated with ``.backward()``."""
     feats = model.image_encoder.backbone.features
     pools = [i for i, m in enumerate(feats) if isinstance(m, torch.nn.MaxPool2d)]
     kept = {}
@@ -58,7 +58,7 @@ def _reference_cam(model: VQAModel, x, ids, lengths, block: int, method: str) ->
     try:
         logits = model(x, ids, lengths)
         target = int(logits[0].argmax())
-        logits[0, target].backward()
+        torch.log_softmax(logits[0].double(), dim=0)[target].backward()
     finally:
         handle.remove()
     a, g = kept["a"], kept["a"].grad
@@ -104,6 +104,18 @@ def test_explain_leaves_the_model_as_it_was(tiny_checkpoint):
     assert 0 <= float(cam.heatmap.min()) and float(cam.heatmap.max()) <= 1
     torch.testing.assert_close(cam.probs, before[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(p.run([ImageQuestions([q], pixels=pixels)])[0].probs, before)
+
+
+def test_contrastive_score_has_the_log_probability_gradient_direction():
+    from models.gradcam import _contrastive_score
+
+    z = torch.tensor([2.0, -1.0, 0.5, 3.0], dtype=torch.float64, requires_grad=True)
+    (g_ours,) = torch.autograd.grad(_contrastive_score(z, 3), z)
+    (g_ref,) = torch.autograd.grad(torch.log_softmax(z, 0)[3], z)
+    torch.testing.assert_close(g_ours * g_ref[3] / g_ours[3], g_ref)  # same up to a positive factor
+    sure = torch.tensor([0.0, 0.0, 40.0], requires_grad=True)  # p_t = 1 in float32
+    (g,) = torch.autograd.grad(_contrastive_score(sure, 2), sure)
+    assert g[2] == 1 and g[:2].sum() == -1
 
 
 def test_grad_cam_refuses_batches_and_training_mode():
