@@ -8,13 +8,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from models import Predictor
 
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
-from .routes import router
+from .routes import STATIC, router
 from .service import VQAService
 from .settings import Settings, get_settings
 
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the demo page's samples
     app.add_middleware(ServiceMiddleware, service=service)
     if settings.cors_origins:  # closed by default
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
