@@ -153,7 +153,8 @@ def throughput(weights: Path, baseline_ref: str, rounds: int, requests: int, con
     env = {"VQA_DEVICE": "cpu", "VQA_WEIGHTS": str(weights)}
     with tempfile.TemporaryDirectory(prefix="vqa-baseline-") as tmp:
         commit = _extract(baseline_ref, Path(tmp))
-        with ServerProcess(env) as ours, ServerProcess(env, cwd=Path(tmp)) as base:
+        with ServerProcess(env, ready_timeout_s=600) as ours, \
+                ServerProcess(env, cwd=Path(tmp), ready_timeout_s=600) as base:
             servers = {"this_tree": ours, "baseline": base}
             stream = scenes(2 * rounds * (requests + 32), size, seed)
             it = iter(stream)
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     del predictor
     if "latency" not in args.skip:
         log(f"latency: {args.latency_pairs} plain/explain pairs")
-        with ServerProcess({"VQA_DEVICE": "cpu", "VQA_WEIGHTS": str(args.weights)}) as srv:
+        with ServerProcess({"VQA_DEVICE": "cpu", "VQA_WEIGHTS": str(args.weights)}, ready_timeout_s=600) as srv:
             result["latency"] = latency(srv.url, args.latency_pairs, size, args.seed + 1)
         lat = result["latency"]
         log(f"  plain p50 {lat['plain_p50_ms']:.1f} ms, explain p50 {lat['explain_p50_ms']:.1f} ms "
