@@ -58,15 +58,18 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 # ---------------------------------------------------------------------------------------
 FROM python:3.11-slim-bookworm AS runtime
 
+# A fixed numeric uid/gid, so Kubernetes' runAsNonRoot can verify it (deploy/k8s uses 10001).
+# First in this stage, before the ARG: the classic builder looks its cache up by parent image
+# and instruction, so a stage opening like deps (FROM + ARG VARIANT=cuda) could be handed
+# that stage's cached step, and a rebuild would then miss the dependency layer.
+RUN groupadd --system --gid 10001 vqa \
+ && useradd --system --uid 10001 --gid vqa --create-home --home-dir /home/vqa --shell /usr/sbin/nologin vqa
+
 ARG VARIANT=cuda
 LABEL org.opencontainers.image.title="vqa-serve" \
       org.opencontainers.image.description="Visual Question Answering service (VGG16 + LSTM) with dynamic batching" \
       org.opencontainers.image.licenses="MIT" \
       vqa-serve.variant="$VARIANT"
-
-# A fixed numeric uid/gid, so Kubernetes' runAsNonRoot can verify it (deploy/k8s uses 10001).
-RUN groupadd --system --gid 10001 vqa \
- && useradd --system --uid 10001 --gid vqa --create-home --home-dir /home/vqa --shell /usr/sbin/nologin vqa
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

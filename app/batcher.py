@@ -14,10 +14,15 @@ Policies, each tested in ``tests/app/test_batcher.py``:
   (``announce()``: e.g. a request whose image is being decoded).
 * **Deadlines.** Every item has one; expired items are failed with :class:`DeadlineExceeded`
   and never computed. Items whose caller went away (cancelled) are skipped. Each item skipped
-  either way is reported to ``on_skip(reason)`` ("expired" or "cancelled") when it is dropped.
+  either way is reported to ``on_skip(reason)`` ("expired" or "cancelled") when it is dropped;
+  a withdrawn item leaves the queue at once (it no longer counts against ``max_queue``).
 * **Fault isolation.** If the handler raises, only that batch fails (:class:`BatchFailed`);
-  a result that is an exception instance fails only its own item. The worker lives on.
-* **Drain.** ``stop()`` refuses new items, finishes every admitted one, then returns.
+  a result that is an exception instance fails only its own item. Anything else escaping a
+  batch (a failing hook, a bug) fails that batch's items at once, not at their deadlines. The
+  worker lives on.
+* **Drain.** ``stop()`` refuses new items, finishes every admitted one, then returns. A drain
+  that times out fails what is left -- the queue and the batch still running -- with
+  :class:`BatcherClosed`.
 """
 
 from __future__ import annotations
@@ -134,6 +139,7 @@ class DynamicBatcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
+        self._inflight: asyncio.Task | None = None  # the batch on the device, if any
         if executor is not None and getattr(executor, "_max_workers", 1) != 1:
             raise ValueError("the handler's executor must have exactly one thread")
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
@@ -157,7 +163,12 @@ class DynamicBatcher(Generic[T, R]):
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
             except asyncio.TimeoutError:
                 drained = False
-                self._task.cancel()
+                # Cancelling the batch task fails its items (BatcherClosed) instead of leaving
+                # them to their deadlines; the handler's thread is not interrupted.
+                tasks = [t for t in (self._task, self._inflight) if t is not None]
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
             except Exception:  # the worker died; failure is recorded
                 pass
         self._fail_all(BatcherClosed("server shutting down"))
@@ -181,6 +192,7 @@ class DynamicBatcher(Generic[T, R]):
 
     @property
     def queue_depth(self) -> int:
+        """Items waiting for a batch (withdrawn ones leave the queue at once)."""
         return len(self._pending)
 
     @property
@@ -225,6 +237,7 @@ class DynamicBatcher(Generic[T, R]):
         finally:
             if not pending.future.done():
                 pending.future.cancel()  # timed out or caller went away: skip it
+                self._withdraw(pending)
 
     # ----------------------------------------------------------------- worker
     async def _worker(self) -> None:
@@ -245,9 +258,9 @@ class DynamicBatcher(Generic[T, R]):
                     inflight = None
                 batch = self._take_batch()
                 if batch:
-                    inflight = asyncio.create_task(self._run_batch(batch))
+                    inflight = self._inflight = asyncio.create_task(self._run_batch(batch))
             if inflight is not None:
-                await inflight
+                await asyncio.wait([inflight])
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # a bug in the loop itself: fail fast, not hang
@@ -286,6 +299,24 @@ class DynamicBatcher(Generic[T, R]):
         return batch
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
+        try:
+            await self._compute(batch)
+        except BaseException as e:
+            # Whatever escaped -- a failing on_batch hook, a bug below, the cancellation of a
+            # drain that timed out -- the batch's callers are answered now, not at their
+            # deadlines (the worker's asyncio.wait would not surface it).
+            closed = not isinstance(e, Exception)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(BatcherClosed("server shutting down") if closed else BatchFailed(e))
+            if closed:
+                raise
+            log.error("batch of %d failed outside its handler", len(batch), exc_info=e)
+        finally:
+            if self._inflight is asyncio.current_task():
+                self._inflight = None
+
+    async def _compute(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         started = self._running_since = time.monotonic()
         try:
@@ -311,6 +342,14 @@ class DynamicBatcher(Generic[T, R]):
                 p.future.set_exception(r)
             else:
                 p.future.set_result(Completed(r, started - p.enqueued, run_s, len(batch)))
+
+    def _withdraw(self, p: _Pending) -> None:
+        """Drop a cancelled item from the queue now (it may already be in a running batch)."""
+        try:
+            self._pending.remove(p)
+        except ValueError:
+            return
+        self._skipped(p.withdrawn)
 
     def _skipped(self, reason: str) -> None:
         if self.on_skip is not None:

@@ -2,7 +2,8 @@
 
 Glue between the generic batcher and the torch predictor: merges jobs about the same image
 (so it is encoded once per batch), fills the image-feature cache, splits a batch that runs out
-of GPU memory and retries the halves, and fails only the jobs whose output is not finite.
+of GPU memory and retries the halves (an image that fails even alone fails only its own jobs),
+and fails only the jobs whose output is not finite.
 """
 
 from __future__ import annotations
@@ -63,14 +64,20 @@ class BatchRunner:
         answers = self._run(merged)
         out: list[ImageAnswers | InferenceError] = [None] * len(jobs)  # type: ignore[list-item]
         for (req, members), ans in zip(groups, answers):
-            finite = ans.finite
-            if finite and self.cache is not None and ans.encoded:
+            if isinstance(ans, InferenceError):
+                for idx, _ in members:
+                    out[idx] = ans
+                continue
+            if ans.feature_finite and self.cache is not None and ans.encoded:
                 key = jobs[members[0][0]].cache_key
                 if key is not None:
                     self.cache.put(key, ans.features)
+            rows = ans.rows_finite if ans.rows_finite is not None else [True] * len(ans.probs)
             start = 0
             for idx, n in members:
-                if finite:
+                # A non-finite answer fails the request whose question produced it, not every
+                # request about the same image (a non-finite feature fails them all).
+                if ans.feature_finite and all(rows[start : start + n]):
                     out[idx] = ImageAnswers(probs=ans.probs[start : start + n], features=ans.features,
                                             encoded=ans.encoded)
                 else:
@@ -99,20 +106,35 @@ class BatchRunner:
                 members.append((i, len(job.questions)))
         return groups
 
-    def _run(self, reqs: list[ImageQuestions]) -> list[ImageAnswers]:
+    def _run(self, reqs: list[ImageQuestions], split: bool = False) -> list[ImageAnswers | InferenceError]:
+        """One forward pass over ``reqs``; on CUDA out-of-memory, split in two and retry the halves.
+
+        Returns one result per image. A non-OOM failure of the whole batch propagates (the
+        batcher fails the batch); once a batch has been split, each part fails alone, so a part
+        that fails -- an image that runs out of memory even alone -- costs only its own images.
+        """
         try:
             if self.fault_injector is not None:
                 self.fault_injector(reqs)
-            return self.predictor.run(reqs)
+            return list(self.predictor.run(reqs))
         except Exception as e:
-            if not is_oom(e) or len(reqs) == 1:
+            if is_oom(e):
+                if len(reqs) == 1:
+                    log.error("out of memory on a single image")
+                    return [InferenceError("out_of_memory", "out of memory on this image alone")]
+            elif split:
+                log.error("part of a split batch (%d images) failed", len(reqs), exc_info=e)
+                return [InferenceError(type(e).__name__, "the model failed on this request")] * len(reqs)
+            else:
                 raise
-            # Out of memory: free what the failed attempt held, split, retry the halves.
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            half = len(reqs) // 2
-            log.warning("out of memory on a batch of %d images; retrying as %d + %d",
-                        len(reqs), half, len(reqs) - half)
-            if self.on_oom_split is not None:
-                self.on_oom_split(len(reqs))
-            return self._run(reqs[:half]) + self._run(reqs[half:])
+        # Retried only here, after the handler: while it runs, the exception's traceback keeps
+        # the failed attempt's frames -- and every activation they hold -- alive, so
+        # empty_cache() could free nothing and the halves would run beside the dead attempt.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(reqs) // 2
+        log.warning("out of memory on a batch of %d images; retrying as %d + %d",
+                    len(reqs), half, len(reqs) - half)
+        if self.on_oom_split is not None:
+            self.on_oom_split(len(reqs))
+        return self._run(reqs[:half], split=True) + self._run(reqs[half:], split=True)

@@ -34,6 +34,10 @@ class Metrics:
                                ["reason"], registry=r)
         self.failures = Counter("vqa_inference_failures", "requests failed inside inference, by kind",
                                 ["kind"], registry=r)
+        # Not a failure: a batch that ran out of device memory was split and its halves retried.
+        self.oom_splits = Counter("vqa_oom_splits", "batches split in two after a CUDA out-of-memory "
+                                  "error (the halves are retried; a single image that still fails "
+                                  "counts as an out_of_memory failure)", registry=r)
         self.explanations = Counter("vqa_explanations", "explain=true requests by outcome (ok; busy: refused "
                                     "over VQA_EXPLAIN_CONCURRENCY; failed)", ["outcome"], registry=r)
         self.explain_duration = Histogram("vqa_explain_duration_seconds", "Grad-CAM computation (decode + "

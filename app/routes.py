@@ -178,7 +178,7 @@ async def model_info(svc: VQAService = Depends(get_service)):
     info.pop("history", None)
     return ModelInfo(
         name=p.name, version=svc.version, weights=Path(s.weights).name, device=str(p.device),
-        dtype=p.dtype_name, torch_threads=svc.torch_threads, image_size=p.image_size, answers=list(p.answers.answers),
+        dtype=p.dtype_name, precision=p.precision, torch_threads=svc.torch_threads, image_size=p.image_size, answers=list(p.answers.answers),
         question_vocab_size=len(p.vocab), max_question_chars=s.max_question_chars,
         max_questions=s.max_questions, feature_cache_entries=s.feature_cache,
         batching=BatchingInfo(max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,

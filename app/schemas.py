@@ -88,7 +88,9 @@ class ModelInfo(BaseModel):
     version: str = Field(description="content hash of the weights file")
     weights: str = Field(description="weights file name")
     device: str
-    dtype: str
+    dtype: str = Field(description="autocast dtype of the image encoder and head (float32: none)")
+    precision: dict[str, str] = Field(description="what each part computes in: image_encoder, "
+                                      "question_encoder (float32 always), head")
     torch_threads: int = Field(description="intra-op threads of the forward pass (VQA_TORCH_THREADS or the CPU quota)")
     image_size: int
     answers: list[str]

@@ -19,6 +19,7 @@ import torch
 
 from models import EncodedQuestion, ImageAnswers, Predictor
 from models.gradcam import GradCam
+from models.predictor import padded_batch_sizes
 from models.vocab import tokenize
 
 from .batcher import (
@@ -104,10 +105,14 @@ class VQAService:
                                                         s.weights, s.device, s.precision)
             self.version = await asyncio.to_thread(_file_digest, Path(s.weights))
         p = self.predictor
-        sizes = sorted({min(b, s.max_batch_size) for b in self.warmup_sizes(p)})
+        sizes = self.warmup_sizes(p)
+        if p.device.type == "cuda":
+            # cudnn.benchmark autotunes per shape: image batches are padded to the warmed sizes,
+            # so live traffic never meets a shape it has not seen.
+            p.use_batch_buckets(sizes)
         await loop.run_in_executor(self._forward_pool, p.warmup, sizes)
         self.runner = BatchRunner(p, self.cache if self.cache.enabled else None,
-                                  on_oom_split=lambda n: self.metrics.failures.labels("oom_split").inc())
+                                  on_oom_split=lambda n: self.metrics.oom_splits.inc())
         self.batcher = DynamicBatcher(self.runner, max_batch_size=s.max_batch_size,
                                       max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
                                       on_batch=self.metrics.observe_batch, on_skip=self._count_skip,
@@ -136,15 +141,14 @@ class VQAService:
         self.metrics.skipped.labels(label).inc()
 
     def warmup_sizes(self, p: Predictor) -> list[int]:
-        if self.settings.warmup_batch_sizes:
-            return self.settings.warmup_batch_sizes
+        """Batch sizes run at start-up. On CUDA they are also the sizes image batches are
+        padded up to, and always include ``max_batch_size``; default: padded_batch_sizes (10
+        shapes for a maximum of 32). On CPU (no autotuning, no padding): 1 by default."""
+        mx = self.settings.max_batch_size
+        chosen = {min(b, mx) for b in self.settings.warmup_batch_sizes}
         if p.device.type != "cuda":
-            return [1]
-        sizes, b = [], 1
-        while b < self.settings.max_batch_size:
-            sizes.append(b)
-            b *= 2
-        return sizes + [self.settings.max_batch_size]
+            return sorted(chosen or {1})
+        return sorted(chosen | {mx}) if chosen else padded_batch_sizes(mx)
 
     async def stop(self) -> None:
         """Drain: refuse new work, answer everything admitted, then release resources."""
@@ -205,6 +209,19 @@ class VQAService:
         return None
 
     # ------------------------------------------------------------------ request pipeline
+    # Real checks, not asserts (which ``python -O`` strips): a request that reaches the
+    # pipeline before start() or after a failed start gets a 503, never an AttributeError 500.
+    def _loaded_predictor(self) -> Predictor:
+        if self.predictor is None:
+            raise ApiError(503, "unavailable", "service not ready: model loading", headers={"Retry-After": "1"})
+        return self.predictor
+
+    def _running_batcher(self) -> DynamicBatcher:
+        self._loaded_predictor()
+        if self.batcher is None:
+            raise ApiError(503, "unavailable", "service not ready: model loading", headers={"Retry-After": "1"})
+        return self.batcher
+
     def parse_question(self, text: str) -> EncodedQuestion:
         s = self.settings
         q = text.strip()
@@ -215,11 +232,11 @@ class VQAService:
                            f"question has {len(q)} characters; the limit is {s.max_question_chars}")
         if any(unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n\r" for c in q):
             raise ApiError(422, "invalid_question", "question contains control characters")
-        assert self.predictor is not None
-        if len(tokenize(q)) > self.predictor.max_tokens:
+        predictor = self._loaded_predictor()
+        if len(tokenize(q)) > predictor.max_tokens:
             raise ApiError(422, "question_too_long",
-                           f"question has more than {self.predictor.max_tokens} words")
-        enc = self.predictor.encode_question(q)
+                           f"question has more than {predictor.max_tokens} words")
+        enc = predictor.encode_question(q)
         if len(enc) == 0:
             raise ApiError(422, "question_has_no_words", "question contains no words")
         return enc
@@ -227,15 +244,14 @@ class VQAService:
     def check_top_k(self, top_k: int) -> int:
         if not 1 <= top_k <= self.settings.max_top_k:
             raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {self.settings.max_top_k}")
-        assert self.predictor is not None
-        return min(top_k, len(self.predictor.answers))
+        return min(top_k, len(self._loaded_predictor().answers))
 
     async def ask(self, data: bytes, questions: list[EncodedQuestion], request_id: str) -> Asked:
         """Answer ``questions`` about the image in ``data`` (decoded once, encoded once)."""
-        assert self.batcher is not None and self.predictor is not None
+        batcher = self._running_batcher()
         start = time.perf_counter()
         # Announce before decoding: a batch being gathered may wait for this one.
-        with self.batcher.announce() as arrival:
+        with batcher.announce() as arrival:
             key = image_key(data)
             features = self.cache.get(key)
             pixels = None
@@ -248,7 +264,7 @@ class VQAService:
             job = AnswerJob(questions=questions, pixels=pixels, features=features, cache_key=key,
                             request_id=request_id)
             try:
-                done = await self.batcher.submit(job, self.settings.request_timeout_s, arrival)
+                done = await batcher.submit(job, self.settings.request_timeout_s, arrival)
             except QueueFull as e:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise ApiError(503, "overloaded", "request queue is full; retry later",

@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     # model
     weights: Path = Field(DEFAULT_WEIGHTS, description="checkpoint file (safetensors) to serve")
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-    precision: str = Field("auto", description="auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, fp16, bf16")
+    precision: str = Field("auto", description="autocast dtype of the image encoder and head: auto (bf16/fp16 "
+                           "on CUDA, fp32 on CPU), fp32, fp16, bf16; the question encoder is float32 always")
 
     # batching
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass, at most")
@@ -31,8 +32,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="per-request deadline (504 when exceeded)")
     body_timeout_s: float = Field(60.0, gt=0, le=3600, description="the whole request body must arrive within this (408)")
     warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
-        default_factory=list, description="batch sizes run once at start-up, comma separated; empty: "
-        "every power of two up to max_batch_size on CUDA (cuDNN autotunes per shape), 1 on CPU")
+        default_factory=list, description="batch sizes run once at start-up, comma separated; on CUDA also "
+        "the sizes image batches are padded to (max_batch_size always included; empty: 1, 2, 3, 4, 6, 8, 12, "
+        "16, 24, 32, ... up to max_batch_size); on CPU no padding, empty: 1")
 
     # input bounds
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest accepted request body, bytes")

@@ -40,7 +40,7 @@ class ServerProcess:
     """``with ServerProcess({"VQA_MAX_BATCH_SIZE": "1"}) as srv: httpx.get(srv.url + "/readyz")``"""
 
     def __init__(self, settings: dict[str, str] | None = None, port: int | None = None,
-                 log_path: Path | None = None, ready_timeout_s: float = 120, cwd: Path | None = None) -> None:
+                 log_path: Path | None = None, ready_timeout_s: float = 300, cwd: Path | None = None) -> None:
         """``cwd``: the source tree to serve (default: this repository); another checkout, e.g. a
         baseline commit extracted by a benchmark, runs its own ``app`` package."""
         self.port = port or free_port()
@@ -57,7 +57,11 @@ class ServerProcess:
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=self.cwd, env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:  # not ready in time: do not leave the child running
+            self.stop(signal.SIGKILL, timeout_s=10)
+            raise
         return self
 
     def wait_ready(self) -> None:

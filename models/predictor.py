@@ -3,6 +3,20 @@
 It knows nothing of HTTP or batching policy: it takes a list of images (pixels, or image
 features computed earlier) each with one or more questions, runs one batched forward pass,
 and returns per-question answer probabilities plus each image's feature for caching.
+
+On CUDA the batch path is written for the device as it really runs:
+
+* **Precision.** The image encoder and the fusion head run under autocast (bf16, or fp16 on
+  GPUs without bf16); the LSTM question encoder always runs in float32 (models/question.py):
+  under autocast cuDNN's RNN would silently run in fp16 whatever the autocast dtype, and
+  re-flatten its weights into a new fp16 buffer on every call. :attr:`Predictor.precision`
+  reports each part.
+* **Shapes.** ``cudnn.benchmark`` autotunes the convolutions once per input shape, so the image
+  encoder only ever sees the batch sizes warmed up at start-up: a batch of other size is padded
+  with blank images up to the next warmed size (:meth:`Predictor.use_batch_buckets`).
+* **Copies.** Each batch's pixels, cached features, token ids and row index are written once
+  into pinned host memory and copied to the device without blocking the host; nothing in the
+  batch path waits for the device except the single copy of the results back.
 """
 
 from __future__ import annotations
@@ -21,7 +35,6 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .checkpoint import Checkpoint, load_checkpoint
 from .gradcam import DEFAULT_METHOD, GradCam, cam_layer, grad_cam
 from .question import pad_questions
-from .transforms import normalize
 from .vocab import EncodedQuestion
 from .vqa import VQAModel
 
@@ -82,7 +95,25 @@ class ImageAnswers:
     probs: torch.Tensor  # [num_questions, num_answers] float32 on CPU
     features: torch.Tensor  # [embed] float32 on CPU, the image's unit feature
     encoded: bool  # whether the image encoder ran for this image (False: features given)
-    finite: bool = True  # its feature and every probability are finite numbers
+    feature_finite: bool = True  # the image's feature is finite (safe to cache and reuse)
+    rows_finite: Sequence[bool] | None = None  # per question: its probabilities are finite (None: all)
+
+    @property
+    def finite(self) -> bool:
+        """The feature and every probability are finite numbers."""
+        return self.feature_finite and (self.rows_finite is None or all(self.rows_finite))
+
+
+def padded_batch_sizes(max_batch_size: int) -> list[int]:
+    """The batch sizes an image batch is padded up to on CUDA (warmed once each at start-up):
+    1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ... (powers of two and the midpoints between them) up to
+    and including ``max_batch_size``. Padding wastes at most 2/7 of a batch (17 images in a
+    batch of 24), with 10 shapes to autotune for the default maximum of 32."""
+    sizes, b = {max_batch_size}, 1
+    while b < max_batch_size:
+        sizes.update(x for x in (b, b + b // 2) if x < max_batch_size)
+        b *= 2
+    return sorted(sizes)
 
 
 def fold_batchnorm(model: VQAModel) -> VQAModel:
@@ -113,8 +144,13 @@ class Predictor:
                  channels_last: bool | None = None) -> None:
         """``channels_last`` (NHWC convolutions) defaults to on: tensor cores want it on CUDA,
         and oneDNN's CPU convolutions ran the shipped model's batch of 32 in half the time
-        (docs/performance.md). BatchNorm layers are folded into the convolutions before them,
-        in a copy: ``ckpt.model`` is left as loaded."""
+        (docs/performance.md).
+
+        The predictor takes ``ckpt.model`` over: it is put in eval mode, and when it has no
+        BatchNorm to fold (full-size VGG16) it is served itself -- moved to the device and
+        converted to channels_last in place, so that its 0.5 GB of weights are not copied. With
+        BatchNorm, a copy with the BatchNorm layers folded into the convolutions is served and
+        ``ckpt.model`` stays where and as it was loaded."""
         self.ckpt = ckpt
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
@@ -124,6 +160,11 @@ class Predictor:
         self.vocab = ckpt.vocab
         self.answers = ckpt.answers
         self.image_size = ckpt.model.cfg.image.image_size
+        cfg = self.model.cfg.image
+        # On the device once, not rebuilt from Python lists (a host-to-device copy) per batch.
+        self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1).to(self.device)
+        self._std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1).to(self.device)
+        self.batch_buckets: tuple[int, ...] = ()  # see use_batch_buckets
         if self.device.type == "cuda":
             # Fixed input shapes: let cuDNN pick the fastest conv algorithms once per shape.
             torch.backends.cudnn.benchmark = True
@@ -140,7 +181,28 @@ class Predictor:
 
     @property
     def dtype_name(self) -> str:
+        """The autocast dtype of the image encoder and the head ("float32": no autocast)."""
         return "float32" if self.autocast_dtype is None else str(self.autocast_dtype).removeprefix("torch.")
+
+    @property
+    def precision(self) -> dict[str, str]:
+        """What each part of the model computes in. The question encoder is float32 always
+        (models/question.py says why); the image encoder and head follow the autocast dtype."""
+        return {"image_encoder": self.dtype_name, "question_encoder": "float32", "head": self.dtype_name}
+
+    def use_batch_buckets(self, sizes: Sequence[int]) -> None:
+        """Pad every image batch up to the next of ``sizes`` (blank images, whose outputs are
+        dropped); a batch larger than all of them runs as it is. For CUDA with
+        ``cudnn.benchmark``: warm exactly these sizes and live traffic never autotunes."""
+        if any(b < 1 for b in sizes):
+            raise ValueError("batch sizes must be >= 1")
+        self.batch_buckets = tuple(sorted(set(sizes)))
+
+    def _bucket(self, n: int) -> int:
+        for b in self.batch_buckets:
+            if b >= n:
+                return b
+        return n
 
     @property
     def max_tokens(self) -> int:
@@ -154,17 +216,31 @@ class Predictor:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def _host_empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A host staging tensor, pinned on CUDA: the batch is written into it once and copied
+        to the device without blocking (``t.pin_memory()`` on a finished tensor would be a
+        second, synchronous host copy). Pinned blocks are reused by torch's host allocator."""
+        return torch.empty(tuple(shape), dtype=dtype, pin_memory=self.pin_memory)
+
+    def _stage(self, parts: Sequence[torch.Tensor], rows: int | None = None) -> torch.Tensor:
+        """Stack ``parts`` into one staging tensor of ``rows`` rows (the rest zero)."""
+        rows = len(parts) if rows is None else rows
+        out = self._host_empty((rows, *parts[0].shape), parts[0].dtype)
+        torch.stack(list(parts), out=out[: len(parts)])
+        if rows > len(parts):
+            out[len(parts):].zero_()
+        return out
+
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.pin_memory:
-            # Pinned host memory makes the copy asynchronous w.r.t. the host thread.
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        # non_blocking only helps (and is only safe to count on) from pinned memory.
+        return t.to(self.device, non_blocking=self.pin_memory and t.is_pinned())
 
     def _images_to_device(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self._to_device(pixels)
         if x.dtype == torch.uint8:
-            cfg = self.model.cfg.image
-            x = normalize(x, cfg.mean, cfg.std)
+            # The same operations as models.transforms.normalize (training, evaluation), with
+            # the mean and std already on the device.
+            x = x.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.inference_mode()
@@ -180,27 +256,47 @@ class Predictor:
         if not requests:
             return []
         to_encode = [i for i, r in enumerate(requests) if r.features is None]
-        features: list[torch.Tensor | None] = [r.features for r in requests]
+        cached = [i for i, r in enumerate(requests) if r.features is not None]
+        counts = [len(r.questions) for r in requests]
+        questions = [q for r in requests for q in r.questions]
+        owner = [i for i, n in enumerate(counts) for _ in range(n)]  # each question's image
+        # Longest question first, ordered here on the host: packed into the LSTM unsorted, the
+        # batch would need a permutation copied to the device on every call.
+        order = sorted(range(len(questions)), key=lambda k: -len(questions[k]))
+        if order == list(range(len(order))):
+            order = None
+        else:
+            questions, owner = [questions[k] for k in order], [owner[k] for k in order]
+        ids, lengths = pad_questions(questions, pin_memory=self.pin_memory)  # lengths stay on CPU
+        ids = self._to_device(ids)
+        rows = None  # question -> its image's row, built on the host (None: row i is image i)
+        if owner != list(range(len(requests))):
+            rows = self._to_device(torch.tensor(owner, pin_memory=self.pin_memory))
         with self._autocast():
+            feats: list[torch.Tensor] = [None] * len(requests)  # type: ignore[list-item]
             if to_encode:
                 parts = [requests[i].pixels for i in to_encode]
                 if len({p.dtype for p in parts}) > 1:  # type: ignore[union-attr]
                     raise ValueError("a batch mixes uint8 and float pixels")
-                pixels = torch.stack(parts)  # type: ignore[arg-type]
+                pixels = self._stage(parts, self._bucket(len(parts)))  # type: ignore[arg-type]
                 encoded = self.model.encode_images(self._images_to_device(pixels)).float()
                 for j, i in enumerate(to_encode):
-                    features[i] = encoded[j]
-            img = torch.stack([f.to(self.device, non_blocking=True) for f in features])  # type: ignore[union-attr]
-            counts = [len(r.questions) for r in requests]
-            questions = [q for r in requests for q in r.questions]
-            rows = torch.repeat_interleave(
-                torch.arange(len(requests), device=self.device),
-                torch.tensor(counts, device=self.device),
-            )
-            ids, lengths = self._pad(questions)
-            logits = self.model.answer_logits(img[rows], ids, lengths)
-        probs = torch.softmax(logits.float(), dim=-1).cpu()
-        img_cpu = img.float().cpu()
+                    feats[i] = encoded[j]
+            if cached:
+                known = self._to_device(self._stage([requests[i].features.float() for i in cached]))  # type: ignore[union-attr]
+                for j, i in enumerate(cached):
+                    feats[i] = known[j]
+            # One tensor of image features, in request order (padding rows dropped).
+            img = encoded[: len(to_encode)] if not cached else torch.stack(feats)
+            logits = self.model.answer_logits(img if rows is None else img.index_select(0, rows), ids, lengths)
+        probs = torch.softmax(logits.float(), dim=-1)
+        if self.device.type == "cpu":
+            img_cpu = img
+        else:  # one copy back (one wait for the device) for the probabilities and the features
+            both = torch.cat([probs.flatten(), img.flatten()]).cpu()
+            probs, img_cpu = both[: probs.numel()].view(probs.shape), both[probs.numel():].view(img.shape)
+        if order is not None:  # back to request order, on the host
+            probs = probs[torch.tensor(order).argsort()]
         # Finiteness for the whole batch at once (per image it was six small torch calls).
         row_ok = torch.isfinite(probs).all(dim=1).tolist()
         image_ok = torch.isfinite(img_cpu).all(dim=1).tolist()
@@ -209,14 +305,10 @@ class Predictor:
         encoded_set = set(to_encode)
         for i, n in enumerate(counts):
             out.append(ImageAnswers(probs=probs[start : start + n], features=img_cpu[i],
-                                    encoded=i in encoded_set,
-                                    finite=image_ok[i] and all(row_ok[start : start + n])))
+                                    encoded=i in encoded_set, feature_finite=image_ok[i],
+                                    rows_finite=row_ok[start : start + n]))
             start += n
         return out
-
-    def _pad(self, questions: Sequence[EncodedQuestion]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, lengths = pad_questions(questions)
-        return self._to_device(ids), lengths  # lengths stay on CPU for packing
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
         """[num_answers] probabilities -> the ``k`` best (answer, probability), best first."""
@@ -234,12 +326,14 @@ class Predictor:
         question (``models/gradcam.py``). Float32 with gradients, so its own pass: call it on
         the thread that owns the device, between batches, never inside :meth:`run`."""
         x = self._images_to_device(pixels[None])
-        ids, lengths = self._pad([question])
+        ids, lengths = pad_questions([question])  # lengths stay on CPU for packing
+        ids = self._to_device(ids)
         return grad_cam(self.model, x, ids, lengths, cam_layer(self.model), method=method)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run the shapes the service will see so first requests pay no lazy-init cost
-        (cuDNN autotuning, CUDA context, allocator growth)."""
+        (cuDNN autotuning, CUDA context, allocator growth). With batch buckets, warm exactly
+        those (each image batch is padded up to one of them)."""
         s = self.image_size
         q = self.encode_question("what color is the shape")
         if len(q) == 0:

@@ -29,12 +29,14 @@ class QuestionEncoderConfig:
         return cls(**d)
 
 
-def pad_questions(questions: Sequence[EncodedQuestion]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoded questions -> ([B, T] right-padded ids, [B] lengths), the encoder's input."""
+def pad_questions(questions: Sequence[EncodedQuestion], pin_memory: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded questions -> ([B, T] right-padded ids, [B] lengths), the encoder's input.
+    ``pin_memory``: build the ids in pinned host memory (for a non-blocking copy to a GPU)."""
     if any(len(q) == 0 for q in questions):
         raise ValueError("every question needs at least one token")
     lengths = torch.tensor([len(q) for q in questions], dtype=torch.long)
-    ids = torch.full((len(questions), int(lengths.max())), PAD_ID, dtype=torch.long)
+    ids = torch.full((len(questions), int(lengths.max())), PAD_ID, dtype=torch.long, pin_memory=pin_memory)
     for i, q in enumerate(questions):
         ids[i, : len(q)] = torch.tensor(q.ids, dtype=torch.long)
     return ids, lengths
@@ -53,9 +55,20 @@ class QuestionEncoder(nn.Module):
 
         Sequences are packed, so the LSTM never reads padding: a question encodes the same
         whether it is alone or padded inside a batch of longer ones.
+
+        Always float32, also inside an autocast region (the output is float32): under CUDA
+        autocast cuDNN's LSTM runs in fp16 whatever the autocast dtype (PyTorch's autocast RNN
+        wrapper casts to half and re-flattens the weights into a new fp16 buffer on every call),
+        and CPU autocast runs it in bf16. The encoder is a few percent of the model's work; its
+        precision is chosen here, not by the dtype the image encoder runs in.
         """
-        x = torch.tanh(self.embedding(ids))
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, (h, c) = self.lstm(packed)  # each [num_layers, B, hidden]
-        state = torch.cat([h, c], dim=2).transpose(0, 1).reshape(ids.shape[0], -1)
-        return self.fc(torch.tanh(state))
+        with torch.autocast(device_type=ids.device.type, enabled=False):
+            x = torch.tanh(self.embedding(ids))
+            lengths = lengths.cpu()
+            # Already longest-first (the predictor sorts on the host): packing then needs no
+            # permutation, which pack_padded_sequence would copy to the device on every call.
+            in_order = bool((lengths[:-1] >= lengths[1:]).all())
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=in_order)
+            _, (h, c) = self.lstm(packed)  # each [num_layers, B, hidden]
+            state = torch.cat([h, c], dim=2).transpose(0, 1).reshape(ids.shape[0], -1)
+            return self.fc(torch.tanh(state))

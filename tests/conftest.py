@@ -50,6 +50,17 @@ def make_tiny_checkpoint(seed: int = 0) -> Checkpoint:
                       info={"note": "random weights for tests"})
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda`` tests need a real GPU: skipped here, saying so, when there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False); "
+                                   "bench/gpu_check.sh runs these on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_checkpoint() -> Checkpoint:
     return make_tiny_checkpoint()

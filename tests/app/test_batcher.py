@@ -276,3 +276,62 @@ def test_wrong_result_count_is_a_batch_failure():
 def test_invalid_configuration():
     with pytest.raises(ValueError):
         DynamicBatcher(lambda x: x, max_batch_size=0, max_wait_s=0, max_queue=1)
+
+
+def test_an_error_escaping_a_batch_fails_its_items_at_once():
+    """Not only the handler can raise: whatever escapes the batch task (here the on_batch hook)
+    must answer its items now, not leave them waiting for their deadlines (an hour here)."""
+    def broken_hook(size, seconds):
+        raise RuntimeError("bug in a metrics hook")
+
+    async def main():
+        b = make(Recorder(), on_batch=broken_hook)
+        with pytest.raises(BatchFailed) as info:
+            await b.submit("x", 3600)
+        healthy = b.healthy
+        await b.stop()
+        return info.value.cause, healthy
+
+    cause, healthy = run(main())
+    assert isinstance(cause, RuntimeError) and healthy
+
+
+def test_a_drain_that_times_out_fails_the_running_batch_and_the_queue():
+    async def main():
+        rec = Recorder()
+        b = make(rec)
+        running = await _busy(b, rec)  # on the device, which never finishes within the drain
+        queued = asyncio.create_task(b.submit("queued", 3600))
+        await asyncio.sleep(0)
+        drained = await b.stop(timeout_s=0.05)
+        results = await asyncio.gather(running, queued, return_exceptions=True)
+        rec.gate.set()
+        return drained, results
+
+    drained, (running, queued) = run(main())
+    assert drained is False
+    assert isinstance(running, BatcherClosed) and isinstance(queued, BatcherClosed)
+
+
+def test_withdrawn_items_do_not_count_against_the_queue_bound():
+    async def main():
+        rec = Recorder()
+        b = make(rec, max_queue=2, max_batch_size=1)
+        blocker = await _busy(b, rec)
+        gone = [asyncio.create_task(b.submit(i, GUARD_S)) for i in ("a", "b")]
+        await asyncio.sleep(0.01)
+        for t in gone:
+            t.cancel()  # their clients hung up
+        await asyncio.gather(*gone, return_exceptions=True)
+        depth = b.queue_depth
+        kept = [asyncio.create_task(b.submit(i, GUARD_S)) for i in ("c", "d")]  # room for both
+        await asyncio.sleep(0.01)
+        rec.gate.set()
+        results = await asyncio.gather(blocker, *kept)
+        await b.stop()
+        return depth, [r.value for r in results], rec.batches
+
+    depth, values, batches = run(main())
+    assert depth == 0
+    assert values == ["answer:blocker", "answer:c", "answer:d"]
+    assert ["a"] not in batches and ["b"] not in batches

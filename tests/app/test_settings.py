@@ -49,9 +49,14 @@ def test_every_setting_is_documented_in_the_readme():
 
 
 def test_warmup_sizes():
+    """On CUDA the warmed sizes are the sizes image batches are padded to: max_batch_size is
+    always one of them, so no live batch meets an un-warmed shape."""
     cuda = SimpleNamespace(device=torch.device("cuda"))
     cpu = SimpleNamespace(device=torch.device("cpu"))
     assert VQAService(make_settings(max_batch_size=24, warmup_batch_sizes=[]), Metrics()).warmup_sizes(cuda) \
-        == [1, 2, 4, 8, 16, 24]
+        == [1, 2, 3, 4, 6, 8, 12, 16, 24]
+    assert VQAService(make_settings(warmup_batch_sizes=[]), Metrics()).warmup_sizes(cuda) \
+        == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
     assert VQAService(make_settings(warmup_batch_sizes=[]), Metrics()).warmup_sizes(cpu) == [1]
-    assert VQAService(make_settings(warmup_batch_sizes=[3]), Metrics()).warmup_sizes(cuda) == [3]
+    assert VQAService(make_settings(warmup_batch_sizes=[3]), Metrics()).warmup_sizes(cuda) == [3, 32]
+    assert VQAService(make_settings(warmup_batch_sizes=[3, 64]), Metrics()).warmup_sizes(cpu) == [3, 32]

@@ -360,6 +360,21 @@ def test_dockerfile_installs_dependencies_before_copying_source():
     assert "https://download.pytorch.org/whl/cpu" in run_text
 
 
+def test_stages_on_one_base_open_differently():
+    """The classic builder finds a cached step by parent image and instruction alone. Two
+    stages on the same base that open with the same instruction share that step's image, and
+    the builder may then continue the wrong chain: after a --no-cache build, a rebuild missed
+    the dependency layer this way (deploy/smoke.sh, issue #15)."""
+    seen: dict[tuple[str, str, str], str] = {}
+    for st in parse_dockerfile():
+        if not st.instructions:
+            continue
+        first = st.instructions[0]
+        key = (st.base, first.cmd, first.args)
+        assert key not in seen, f"stages {seen[key]} and {st.name} both open with {first.cmd} {first.args}"
+        seen[key] = st.name
+
+
 def test_dockerignore_admits_what_the_dockerfile_copies():
     patterns = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.lstrip().startswith("#")]

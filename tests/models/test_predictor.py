@@ -6,7 +6,7 @@ import torch
 from models import ImageQuestions, Predictor
 from models.predictor import resolve_device, resolve_precision
 from models.question import pad_questions
-from tests.conftest import QUESTIONS
+from tests.conftest import QUESTIONS, REPO
 
 
 def _images(n: int, size: int, seed: int = 1) -> torch.Tensor:
@@ -171,3 +171,153 @@ def test_batchnorm_folding_keeps_the_shipped_models_outputs(shipped_weights):
     torch.testing.assert_close(torch.stack([a.features for a in out]), ref_feats, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.cat([a.probs for a in out]), ref_probs, atol=1e-5, rtol=1e-4)
     assert [int(a.probs[0].argmax()) for a in out] == [int(r.argmax()) for r in ref_probs]
+
+
+# ----------------------------------------------------------------------------- the CUDA path, on CPU
+def test_question_encoder_runs_outside_autocast_in_float32(tiny_checkpoint):
+    """Under CUDA autocast cuDNN's LSTM runs in fp16 whatever the autocast dtype: the question
+    encoder leaves autocast on purpose, and the predictor reports it."""
+    enc = tiny_checkpoint.model.question_encoder
+    seen = []
+    enc.lstm.register_forward_pre_hook(lambda m, args: seen.append(torch.is_autocast_enabled("cpu")))
+    ids, lengths = pad_questions([tiny_checkpoint.vocab.encode(q) for q in QUESTIONS])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = enc(ids, lengths)
+    assert seen == [False] and out.dtype == torch.float32
+    p = Predictor(tiny_checkpoint, device="cpu", precision="bf16")
+    assert p.precision == {"image_encoder": "bfloat16", "question_encoder": "float32", "head": "bfloat16"}
+    assert Predictor(tiny_checkpoint, device="cpu").precision == dict.fromkeys(
+        ("image_encoder", "question_encoder", "head"), "float32")
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    """Records the batch path's torch calls. With ``pinned``, stands in for a CUDA host: a
+    ``pin_memory=True`` allocation is made as an ordinary one and remembered as pinned."""
+
+    def __init__(self, device: torch.device, pinned: bool = False) -> None:
+        super().__init__()
+        self.device, self.pinned = device, pinned
+        self.pinned_storage: set[int] = set()
+        self.moves: list[tuple[bool, bool]] = []  # (from pinned memory, non_blocking) per copy to the device
+        self.device_factories: list[str] = []  # tensors built from Python values on the device
+        self.tensor_repeats: list[str] = []  # repeat_interleave with a tensor of repeats
+        self.pin_calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", str(func))
+        # (on-device factories without host data -- zeros, arange -- are kernels, not copies)
+        if name in ("tensor", "as_tensor") and kwargs.get("device") is not None:
+            self.device_factories.append(name)
+        if name == "repeat_interleave" and any(isinstance(a, torch.Tensor) for a in [*args[1:], kwargs.get("repeats")]):
+            self.tensor_repeats.append(name)
+        if name == "pin_memory":
+            self.pin_calls += 1
+        if name == "is_pinned" and self.pinned:
+            return args[0].untyped_storage().data_ptr() in self.pinned_storage
+        if name == "to" and (kwargs.get("device") is not None
+                             or any(isinstance(a, (torch.device, str)) for a in args[1:])):
+            self.moves.append((args[0].untyped_storage().data_ptr() in self.pinned_storage,
+                               bool(kwargs.get("non_blocking"))))
+        pin = kwargs.pop("pin_memory", False) if self.pinned else False
+        out = func(*args, **kwargs)
+        if pin:
+            self.pinned_storage.add(out.untyped_storage().data_ptr())
+        return out
+
+
+def _mixed_batch(p: Predictor) -> list[ImageQuestions]:
+    """Two images to encode, one with a cached feature; one, two and one questions."""
+    x = _images(2, p.image_size)
+    raw = (x * 40 + 128).clamp(0, 255).to(torch.uint8)
+    cached = p.run([ImageQuestions([p.encode_question(QUESTIONS[0])], pixels=raw[0])])[0].features
+    q = [p.encode_question(t) for t in QUESTIONS]
+    return [ImageQuestions(q[:1], pixels=raw[0]), ImageQuestions(q[1:3], features=cached),
+            ImageQuestions(q[3:], pixels=raw[1])]
+
+
+def test_batch_path_copies_each_tensor_once_and_never_syncs_on_repeats(tiny_checkpoint):
+    """One host-to-device copy per batch tensor (pixels, cached features, token ids, row index)
+    and none hidden elsewhere (packing unsorted questions copies a permutation to the device:
+    the predictor sorts them on the host), no tensor built from Python values on the device per
+    batch (each is a blocking copy), and no repeat_interleave with a tensor of repeats (on a GPU
+    it waits for the device to size its output)."""
+    p = Predictor(tiny_checkpoint, device="cpu")
+    batch = _mixed_batch(p)
+    reference = p.run(batch)
+    rec = _Recorder(p.device)
+    with rec:
+        out = p.run(batch)
+    assert rec.device_factories == [] and rec.tensor_repeats == []
+    assert len(rec.moves) == 4, rec.moves
+    for a, b in zip(out, reference):
+        torch.testing.assert_close(a.probs, b.probs)
+
+
+def test_cuda_host_path_stages_in_pinned_memory_without_extra_copies(tiny_checkpoint):
+    """With pinned memory on (as on CUDA), every tensor the batch path sends to the device was
+    written straight into pinned memory and is copied non-blocking; ``Tensor.pin_memory()``
+    (a second, synchronous host copy of a finished tensor) is never called."""
+    p = Predictor(tiny_checkpoint, device="cpu")
+    batch = _mixed_batch(p)
+    reference = p.run(batch)
+    p.pin_memory = True
+    rec = _Recorder(p.device, pinned=True)
+    with rec:
+        out = p.run(batch)
+    assert rec.pin_calls == 0
+    assert rec.moves == [(True, True)] * 4, rec.moves
+    for a, b in zip(out, reference):
+        torch.testing.assert_close(a.probs, b.probs)
+
+
+def test_image_batches_are_padded_to_warmed_sizes(tiny_checkpoint):
+    """On CUDA the image encoder must only meet the batch sizes warmed at start-up
+    (cudnn.benchmark autotunes each new shape on live traffic otherwise): every size from 1 to
+    the maximum is padded up to one, and the padding does not change any answer."""
+    import copy
+
+    from models.predictor import padded_batch_sizes
+
+    sizes = padded_batch_sizes(32)
+    assert sizes == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+    plain = Predictor(copy.deepcopy(tiny_checkpoint), device="cpu")
+    padded = Predictor(copy.deepcopy(tiny_checkpoint), device="cpu")
+    padded.use_batch_buckets(sizes)
+    seen: list[int] = []
+    padded.model.image_encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    x = (_images(32, p_size := plain.image_size) * 40 + 128).clamp(0, 255).to(torch.uint8)
+    q = plain.encode_question(QUESTIONS[1])
+    for n in (1, 5, 7, 17, 31, 32):
+        reqs = [ImageQuestions([q], pixels=x[i]) for i in range(n)]
+        for a, b in zip(padded.run(reqs), plain.run(reqs)):
+            torch.testing.assert_close(a.probs, b.probs, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a.features, b.features, atol=1e-5, rtol=1e-4)
+    assert seen == [1, 6, 8, 24, 32, 32]
+    seen.clear()
+    for n in range(1, 33):
+        padded.run([ImageQuestions([q], pixels=x[i]) for i in range(n)])
+    assert set(seen) <= set(sizes) and p_size > 0
+    seen.clear()
+    padded.warmup(sizes)
+    assert seen == sizes  # warm-up runs exactly the sizes batches are padded to
+
+
+def test_predictor_takes_over_a_model_without_batchnorm(tmp_path):
+    """What the constructor's docstring says: with no BatchNorm to fold (full-size VGG16) the
+    checkpoint's own model is served, put on the device and converted in place (no copy of its
+    weights); with BatchNorm a folded copy is served and the loaded model is left as it was."""
+    from torch import nn
+
+    from bench.regimes import make_full_size_weights
+    from models.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(make_full_size_weights(tmp_path / "w.safetensors", image_size=32, width=1 / 16))
+    p = Predictor(ckpt, device="cpu")
+    assert p.model is ckpt.model and not ckpt.model.training
+    assert ckpt.model.image_encoder.backbone.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with_bn = load_checkpoint(REPO / "weights" / "easy-vqa.safetensors")
+    q = Predictor(with_bn, device="cpu")
+    assert q.model is not with_bn.model
+    assert any(isinstance(m, nn.BatchNorm2d) for m in with_bn.model.modules())
+    assert with_bn.model.image_encoder.backbone.features[0].weight.is_contiguous()
