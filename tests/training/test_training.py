@@ -20,6 +20,10 @@ def test_shipped_weights_accuracy_on_the_whole_test_split(shipped_weights, capsy
     assert set(report["by_kind"]) == {"yes/no", "color", "shape"}
     assert sum(k["questions"] for k in report["by_kind"].values()) == 9673
     assert report["expected_calibration_error"] < 0.01  # confidences mean what they say
+    # The same test images asked in held-out natural phrasings (training/phrasings.py: EVAL).
+    natural = report["natural_phrasings"]
+    assert natural["questions"] == 9673 and natural["accuracy"] >= 0.97, natural
+    assert natural["expected_calibration_error"] < 0.02
 
 
 def test_expected_calibration_error():
@@ -34,6 +38,9 @@ def test_shipped_checkpoint_records_how_it_was_made(shipped_weights):
     info = load_checkpoint(shipped_weights).info
     assert info["seed"] == 0 and info["selected_epoch"] >= 1
     assert info["val_images"] == 400 and info["train_images"] == 3600  # validation held out of train
+    assert info["hyperparameters"]["rephrase_prob"] == 0.5  # trained with natural phrasings
+    defaults = vars(train.build_parser().parse_args([]))
+    assert {k: defaults[k] for k in info["hyperparameters"]} == info["hyperparameters"]  # vqa-train's defaults
     assert "test" not in info["dataset"]
     assert shipped_weights.stat().st_size <= 25 * 1024 * 1024
 
@@ -53,6 +60,7 @@ def test_eval_text_report(tmp_path: Path, capsys, shipped_weights):
     evaluate.main([str(shipped_weights), "--device", "cpu"])
     text = capsys.readouterr().out
     assert "accuracy" in text and "yes/no" in text and "9673 questions" in text
+    assert "natural phrasings" in text and "examples:" in text
 
 
 def test_attribute_labels_agree_with_answers():
