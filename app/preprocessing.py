@@ -10,7 +10,8 @@ the expensive or dangerous work happens only after the cheap checks have passed:
 4. the full decode (``img.load()``), inside the ``try`` so that corrupt or truncated data
    becomes an :class:`ImageError` instead of a 500;
 5. EXIF orientation, any mode -> RGB, then the one transform shared with training
-   (:func:`models.transforms.pil_to_uint8` and :func:`models.transforms.normalize`).
+   (:func:`models.transforms.pil_to_uint8` and :func:`models.transforms.normalize`), with the
+   resize filter and JPEG draft choice of the checkpoint's :class:`~models.transforms.ImageTransform`.
 
 Thread-safe: the only process-wide state touched is the warnings filter, under a lock.
 """
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from models.transforms import normalize, pil_to_uint8
+from models.transforms import ImageTransform, normalize, pil_to_uint8
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 _ALLOWED_NAMES = "PNG, JPEG, WebP, BMP or GIF"
@@ -94,26 +95,31 @@ class ImageError(ValueError):
 def decode_image(
     data: bytes,
     *,
-    image_size: int,
+    image_size: int | None = None,
     mean: Sequence[float],
     std: Sequence[float],
     max_pixels: int,
     max_bytes: int | None = None,
+    transform: ImageTransform | None = None,
 ) -> torch.Tensor:
     """Untrusted image bytes -> float32 ``[3, image_size, image_size]`` normalised tensor:
     :func:`decode_pixels`, then the model's normalisation."""
     return normalize(decode_pixels(data, image_size=image_size, max_pixels=max_pixels,
-                                   max_bytes=max_bytes), mean, std)
+                                   max_bytes=max_bytes, transform=transform), mean, std)
 
 
 def decode_pixels(
     data: bytes,
     *,
-    image_size: int,
+    image_size: int | None = None,
     max_pixels: int,
     max_bytes: int | None = None,
+    transform: ImageTransform | None = None,
 ) -> torch.Tensor:
     """Untrusted image bytes -> uint8 ``[3, image_size, image_size]`` RGB pixels.
+
+    ``transform`` (the checkpoint's, ``model.cfg.image.transform``) says how to resize; given
+    only ``image_size``, the project's default transform at that size is used.
 
     What the service's decode threads run: the float normalisation is left to the predictor,
     which does it once per batch on the device (a quarter of the bytes to copy to a GPU, and
@@ -122,6 +128,12 @@ def decode_pixels(
     Accepts PNG, JPEG, WebP, BMP and GIF (first frame). Raises :class:`ImageError` for every
     input it refuses; its ``status``/``code`` say why (see the module's checks above).
     """
+    if transform is None:
+        if image_size is None:
+            raise TypeError("decode_pixels needs image_size or transform")
+        transform = ImageTransform(image_size)
+    elif image_size is not None and image_size != transform.image_size:
+        raise ValueError(f"image_size {image_size} differs from the transform's {transform.image_size}")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Some module in this process flipped PIL's global "pad truncated files with grey"
         # switch; cut-off uploads would then be answered as if they were whole images.
@@ -135,7 +147,7 @@ def decode_pixels(
             status=413,
         )
     try:
-        rgb = _decode_rgb(data, image_size=image_size, max_pixels=max_pixels)
+        rgb = _decode_rgb(data, transform=transform, max_pixels=max_pixels)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -153,7 +165,7 @@ def decode_pixels(
         raise ImageError(
             "the image data is corrupt or truncated", code="invalid_image", status=400
         ) from e
-    return pil_to_uint8(rgb, image_size)
+    return pil_to_uint8(rgb, transform.image_size, transform.resample, transform.reducing_gap)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -181,7 +193,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _decode_rgb(data: bytes, *, image_size: int, max_pixels: int) -> Image.Image:
+def _decode_rgb(data: bytes, *, transform: ImageTransform, max_pixels: int) -> Image.Image:
     img = _open(data)  # header only: no pixel has been decoded yet
     width, height = img.size
     if width * height > max_pixels:
@@ -196,10 +208,10 @@ def _decode_rgb(data: bytes, *, image_size: int, max_pixels: int) -> Image.Image
             code="invalid_image_dimensions",
             status=422,
         )
-    if img.format in ("JPEG", "MPO"):  # MPO: multi-picture JPEG, as many phones write
-        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale (never below image_size): a 12 MP photo
-        # costs a fraction of the memory and time, and is resized down anyway.
-        img.draft("RGB", (image_size, image_size))
+    # JPEG (and MPO, as many phones write): let libjpeg decode at 1/2, 1/4 or 1/8 scale (never
+    # below image_size), so a 12 MP photo costs a fraction of the memory and time and is
+    # resized down anyway -- unless the checkpoint's transform asks for full decodes.
+    transform.draft(img)
     img.load()  # the full decode: corrupt or truncated data raises here
     ImageOps.exif_transpose(img, in_place=True)
     return to_rgb(img)

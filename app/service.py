@@ -20,7 +20,6 @@ import torch
 from models import EncodedQuestion, ImageAnswers, Predictor
 from models.gradcam import GradCam
 from models.predictor import padded_batch_sizes
-from models.vocab import tokenize
 
 from .batcher import (
     BatcherClosed,
@@ -233,7 +232,7 @@ class VQAService:
         if any(unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n\r" for c in q):
             raise ApiError(422, "invalid_question", "question contains control characters")
         predictor = self._loaded_predictor()
-        if len(tokenize(q)) > predictor.max_tokens:
+        if len(predictor.vocab.tokenize(q)) > predictor.max_tokens:
             raise ApiError(422, "question_too_long",
                            f"question has more than {predictor.max_tokens} words")
         enc = predictor.encode_question(q)
@@ -337,7 +336,7 @@ class VQAService:
         try:
             return await loop.run_in_executor(
                 self._decode_pool,
-                lambda: decode_pixels(data, image_size=cfg.image_size, max_pixels=s.max_image_pixels,
+                lambda: decode_pixels(data, transform=cfg.transform, max_pixels=s.max_image_pixels,
                                       max_bytes=s.max_upload_bytes),
             )
         except ImageError as e:

@@ -28,7 +28,7 @@ def _sync(predictor: Predictor) -> None:
 
 def _decoder(cfg: ImageEncoderConfig, settings: Settings):
     """``bytes -> tensor`` exactly as the server decodes an upload (same limits, same size)."""
-    return lambda data: decode_pixels(data, image_size=cfg.image_size,
+    return lambda data: decode_pixels(data, transform=cfg.transform,
                                       max_pixels=settings.max_image_pixels,
                                       max_bytes=settings.max_upload_bytes)
 

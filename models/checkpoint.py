@@ -3,6 +3,11 @@
 Tensors live in a safetensors file (no pickle, so loading runs no code); the model config,
 both vocabularies and free-form training info are JSON strings in its metadata header.
 Every failure raises :class:`CheckpointError` naming the file and the problem.
+
+The config carries the model's whole pipeline, not only its layer sizes: how questions are
+tokenized and padded, how images are resized, the VGG depth, the head. Format 2 added those
+fields; a format-1 file has none of them and loads with their defaults, which are exactly
+what format-1 models were trained with.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from .vocab import AnswerVocabulary, Vocabulary
 from .vqa import VQAConfig, VQAModel
 
 FORMAT_KEY = "vqa_serve_format"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_FORMATS = ("1", "2")
 
 
 class CheckpointError(RuntimeError):
@@ -38,6 +44,9 @@ class Checkpoint:
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     path = Path(path)
+    if ckpt.vocab.tokenizer != ckpt.model.cfg.question.tokenizer:
+        raise ValueError(f"the vocabulary's tokenizer {ckpt.vocab.tokenizer} differs from the "
+                         f"model config's {ckpt.model.cfg.question.tokenizer}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt.model.state_dict().items()}
     metadata = {
@@ -69,14 +78,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     meta = read_metadata(path)
-    if meta.get(FORMAT_KEY) != FORMAT_VERSION:
+    if meta.get(FORMAT_KEY) not in READABLE_FORMATS:
         raise CheckpointError(
             f"{path}: not a vqa-serve checkpoint (metadata {FORMAT_KEY!r} is "
-            f"{meta.get(FORMAT_KEY)!r}, expected {FORMAT_VERSION!r})"
+            f"{meta.get(FORMAT_KEY)!r}, expected one of {READABLE_FORMATS})"
         )
     try:
         cfg = VQAConfig.from_dict(json.loads(meta["config"]))
-        vocab = Vocabulary(json.loads(meta["question_vocab"]))
+        vocab = Vocabulary(json.loads(meta["question_vocab"]), cfg.question.tokenizer)
         answers = AnswerVocabulary(json.loads(meta["answers"]))
         info = json.loads(meta.get("info", "{}"))
     except (KeyError, TypeError, ValueError) as e:
@@ -93,7 +102,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated tensor data ({e})") from None
-    model = VQAModel(cfg)
+    # Built without memory or initialisation (meta device): the file's tensors become the
+    # parameters. A full-size VGG16 would otherwise spend seconds on random init first.
+    with torch.device("meta"):
+        model = VQAModel(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -111,6 +123,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             )
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"{path}: tensor {k!r} contains NaN or infinite values")
-    model.load_state_dict(tensors, strict=True)
+        if v.dtype != expected[k].dtype:
+            tensors[k] = v.to(expected[k].dtype)
+    model.load_state_dict(tensors, strict=True, assign=True)
     model.eval()
     return Checkpoint(model=model, vocab=vocab, answers=answers, name=meta.get("name", "vqa"), info=info)

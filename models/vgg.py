@@ -1,11 +1,12 @@
-"""VGG16 image encoder.
+"""VGG16 image encoder (VGG19, 13 or 11 by the config's ``depth``).
 
 At ``width=1.0``, ``batch_norm=False`` and ``pool_size=7`` the backbone *is* torchvision's
 ``vgg16`` (same modules, same parameter names) with the last classifier layer removed, so
-ImageNet weights (``vgg16-397923af.pth``) or any VGG16-based checkpoint load into it. A width
-multiplier, BatchNorm and a smaller pooled grid build the compact encoder the shipped easy-VQA
-model uses from the very same code path; every such choice lives in :class:`ImageEncoderConfig`
-and is recorded in the checkpoint.
+ImageNet weights (``vgg16-397923af.pth``) or any VGG16-based checkpoint load into it; with
+``depth=19`` it is torchvision's ``vgg19`` the same way. A width multiplier, BatchNorm and a
+smaller pooled grid build the compact encoder the shipped easy-VQA model uses from the very
+same code path; every such choice lives in :class:`ImageEncoderConfig` and is recorded in the
+checkpoint, together with how images are resized for it (:class:`models.transforms.ImageTransform`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-# torchvision's VGG16 is configuration "D": 13 conv layers in 5 blocks, "M" = 2x2 max-pool.
-VGG16_CFG = cfgs["D"]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+
+# torchvision's VGG configurations by depth: VGG16 is "D" (13 conv layers in 5 blocks, "M" =
+# 2x2 max-pool), VGG19 is "E" (16 conv layers).
+VGG_CFGS = {11: cfgs["A"], 13: cfgs["B"], 16: cfgs["D"], 19: cfgs["E"]}
+VGG16_CFG = VGG_CFGS[16]
 # The last torchvision classifier layer (4096 -> 1000 ImageNet classes) is dropped.
 _DROPPED_CLASSIFIER_PREFIX = "classifier.6."
 
@@ -38,8 +41,16 @@ class ImageEncoderConfig:
     dropout: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    depth: int = 16  # VGG11/13/16/19 (torchvision's configurations A/B/D/E)
+    # How an image is resized to image_size (see models.transforms.ImageTransform).
+    resample: str = "bilinear"
+    reducing_gap: float | None = 2.0
+    jpeg_draft: bool = True
 
     def __post_init__(self) -> None:
+        if self.depth not in VGG_CFGS:
+            raise ValueError(f"depth must be one of {sorted(VGG_CFGS)}, got {self.depth}")
+        _ = self.transform  # validates the resize fields
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32 (5 max-pools), got {self.image_size}")
         if not 0 < self.width <= 4:
@@ -49,7 +60,7 @@ class ImageEncoderConfig:
 
     @property
     def conv_cfg(self) -> list[int | str]:
-        return [v if v == "M" else max(1, round(int(v) * self.width)) for v in VGG16_CFG]
+        return [v if v == "M" else max(1, round(int(v) * self.width)) for v in VGG_CFGS[self.depth]]
 
     @property
     def feature_channels(self) -> int:
@@ -58,6 +69,13 @@ class ImageEncoderConfig:
     @property
     def hidden_size(self) -> int:
         return max(1, round(4096 * self.width))
+
+    @property
+    def transform(self) -> ImageTransform:
+        """The image -> input transform this encoder was trained with."""
+        return ImageTransform(image_size=self.image_size, resample=self.resample,
+                              reducing_gap=self.reducing_gap, jpeg_draft=self.jpeg_draft,
+                              mean=self.mean, std=self.std)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +90,7 @@ class ImageEncoderConfig:
 
 
 class VGGBackbone(nn.Module):
-    """torchvision's VGG16 minus its last classifier layer: image -> ``hidden_size`` features.
+    """torchvision's VGG (16 unless the config says otherwise) minus its last classifier layer: image -> ``hidden_size`` features.
 
     Module names (``features``, ``avgpool``, ``classifier``) and indices mirror
     ``torchvision.models.VGG`` so their state dicts are interchangeable.
@@ -115,7 +133,7 @@ class VGGBackbone(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """VGG16 backbone -> linear projection -> L2 normalisation (unit-norm ``embed_size``)."""
+    """VGG backbone -> linear projection -> L2 normalisation (unit-norm ``embed_size``)."""
 
     def __init__(self, cfg: ImageEncoderConfig) -> None:
         super().__init__()
@@ -124,12 +142,16 @@ class ImageEncoder(nn.Module):
         self.projection = nn.Linear(cfg.hidden_size, cfg.embed_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.projection(self.backbone(images))
+        return self.embed(self.backbone(images))
+
+    def embed(self, backbone_features: torch.Tensor) -> torch.Tensor:
+        """Backbone output (e.g. cached features) -> the unit image embedding."""
+        features = self.projection(backbone_features)
         # Normalise in float32 even under autocast: fp16 sums of squares overflow.
         return F.normalize(features.float(), p=2, dim=1)
 
     def load_torchvision_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load a ``torchvision.models.vgg16`` state dict strictly into the backbone.
+        """Load a ``torchvision.models.vgg16`` (``vgg19`` at depth 19) state dict strictly into the backbone.
 
         Only the dropped final classifier layer may be absent or extra; every other key
         must match in name and shape, otherwise a ``RuntimeError`` names the mismatch.

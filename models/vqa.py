@@ -19,8 +19,10 @@ class VQAConfig:
     head_hidden: int = 1000
     dropout: float = 0.5
     # The L2-normalised image feature is multiplied by a learnable scale before fusion;
-    # without it the unit vector's tiny entries starve the product of signal.
+    # without it the unit vector's tiny entries starve the product of signal. Models trained
+    # without one (learned_image_scale=False) fuse the unit vector itself.
     image_scale_init: float = 1.0
+    learned_image_scale: bool = True
 
     def __post_init__(self) -> None:
         if self.image.embed_size != self.question.embed_size:
@@ -37,6 +39,7 @@ class VQAConfig:
             "head_hidden": self.head_hidden,
             "dropout": self.dropout,
             "image_scale_init": self.image_scale_init,
+            "learned_image_scale": self.learned_image_scale,
         }
 
     @classmethod
@@ -55,7 +58,8 @@ class VQAModel(nn.Module):
         self.cfg = cfg
         self.image_encoder = ImageEncoder(cfg.image)
         self.question_encoder = QuestionEncoder(cfg.question)
-        self.image_scale = nn.Parameter(torch.tensor(float(cfg.image_scale_init)))
+        self.image_scale = (nn.Parameter(torch.tensor(float(cfg.image_scale_init)))
+                            if cfg.learned_image_scale else None)
         embed = cfg.image.embed_size
         self.head = nn.Sequential(
             nn.Tanh(),
@@ -75,7 +79,9 @@ class VQAModel(nn.Module):
     ) -> torch.Tensor:
         """Fuse one image feature per question with its question: [B, embed] x [B, T] -> [B, A]."""
         q = self.question_encoder(ids, lengths)
-        fused = (self.image_scale * image_features).to(q.dtype) * q
+        if self.image_scale is not None:
+            image_features = self.image_scale * image_features
+        fused = image_features.to(q.dtype) * q
         return self.head(fused)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

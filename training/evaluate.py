@@ -5,6 +5,10 @@ Prints overall accuracy, accuracy by question kind (yes/no, color, shape), calib
 most frequent confusions, then the same for the **natural-phrasing set**: every test question
 asked once more in a held-out wording (``training/phrasings.py``: ``EVAL``, never trained on);
 ``--json`` prints both as JSON.
+
+``--dataset vqa2 --data-root DIR --split S`` answers a VQA v2 split instead and scores it with
+the official metric (:mod:`training.eval_vqa2`); ``--score-results FILE`` scores a results file
+without a checkpoint.
 """
 
 from __future__ import annotations
@@ -114,11 +118,33 @@ def _format_part(report: dict, title: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="vqa-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("weights", nargs="?", type=Path, default=DEFAULT_OUT, help="checkpoint to evaluate")
+    p.add_argument("--dataset", choices=("easy-vqa", "vqa2"), default="easy-vqa",
+                   help="easy-VQA test split, or a VQA v2 split in the official layout under --data-root")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", help="auto, fp32, fp16 or bf16")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-natural", action="store_true", help="skip the natural-phrasing set")
+    vqa2 = p.add_argument_group("VQA v2 (--dataset vqa2)")
+    vqa2.add_argument("--data-root", type=Path, help="folder with Questions/, Annotations/, Images/ (official layout)")
+    vqa2.add_argument("--split", default="val2014", help="split to answer or score")
+    vqa2.add_argument("--results", type=Path, help="write the answers here in the official results format")
+    vqa2.add_argument("--score-results", type=Path, metavar="FILE",
+                      help="score this results file (no checkpoint needed); any model's")
+    vqa2.add_argument("--workers", type=int, default=0, help="image decoding processes")
     args = p.parse_args(argv)
+    if args.dataset == "vqa2":
+        from . import eval_vqa2
+        from .vqa2 import DatasetError
+        from .vqa_metric import ResultsError
+        from models import CheckpointError
+
+        try:
+            print(eval_vqa2.run(args))
+        except (DatasetError, ResultsError, CheckpointError) as e:
+            raise SystemExit(f"vqa-eval: {e}") from None
+        return
+    if args.score_results or args.results:
+        p.error("--results and --score-results need --dataset vqa2")
     predictor = Predictor.from_file(args.weights, device=args.device, precision=args.precision)
     split = load_easy_vqa("test", image_size=predictor.image_size)
     with torch.inference_mode():

@@ -1,4 +1,7 @@
-"""``vqa-train``: train the VQA model on easy-VQA and write a checkpoint.
+"""``vqa-train``: train the VQA model on easy-VQA (or VQA v2 data) and write a checkpoint.
+
+``--dataset vqa2 --data-root DIR`` trains on VQA v2 in the official layout instead
+(:mod:`training.train_vqa2`); the architecture flags below apply to both.
 
 Reproducible: a fixed seed drives the validation split, initialisation, batch order and
 augmentation. Model selection (best epoch) uses a validation split of *train* images held
@@ -90,6 +93,7 @@ def compact_config(vocab_size: int, num_answers: int, args: argparse.Namespace) 
             pool_size=args.pool_size,
             embed_size=args.embed_size,
             dropout=args.dropout,
+            depth=args.vgg_depth,
         ),
         question=QuestionEncoderConfig(
             vocab_size=vocab_size,
@@ -259,8 +263,12 @@ def train(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqa-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint to write")
-    p.add_argument("--name", default="easy-vqa-vgg16q-lstm", help="model name stored in the checkpoint")
+    p.add_argument("--dataset", choices=("easy-vqa", "vqa2"), default="easy-vqa",
+                   help="easy-VQA (the PyPI package) or VQA v2 data in the official layout under --data-root")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"checkpoint to write (default: {DEFAULT_OUT} for easy-VQA, ./vqa2.safetensors for vqa2)")
+    p.add_argument("--name", default=None,
+                   help="model name stored in the checkpoint (default: easy-vqa-vgg16q-lstm, vqa2-vgg<depth>-lstm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-images", type=int, default=32, help="images per step (all their questions ride along)")
@@ -286,12 +294,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--limit-images", type=int, default=0, help="train on this many images only (smoke tests)")
+    p.add_argument("--vgg-depth", type=int, choices=(11, 13, 16, 19), default=16, help="VGG depth (torchvision's layouts)")
+    vqa2 = p.add_argument_group("VQA v2 (--dataset vqa2)")
+    vqa2.add_argument("--data-root", type=Path, help="folder with Questions/, Annotations/, Images/ (official layout)")
+    vqa2.add_argument("--split", default="train2014", help="split to train on")
+    vqa2.add_argument("--val-split", help="split for model selection (default: --val-fraction of the training images)")
+    vqa2.add_argument("--num-answers", type=int, default=1000, help="answer vocabulary: the most frequent normalised answers")
+    vqa2.add_argument("--features-cache", type=Path,
+                      help="extract VGG features once into this folder (resumable) and train from them, VGG frozen")
+    vqa2.add_argument("--workers", type=int, default=0, help="image decoding processes (0: in the training process)")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    info = train(args)
+    if args.dataset == "vqa2":
+        from .train_vqa2 import train_vqa2
+        from .vqa2 import DatasetError
+        from .features import FeatureCacheError
+
+        args.out = args.out or Path("vqa2.safetensors")
+        args.name = args.name or f"vqa2-vgg{args.vgg_depth}-lstm"
+        try:
+            info = train_vqa2(args)
+        except (DatasetError, FeatureCacheError) as e:
+            raise SystemExit(f"vqa-train: {e}") from None
+    else:
+        args.out = args.out or DEFAULT_OUT
+        args.name = args.name or "easy-vqa-vgg16q-lstm"
+        info = train(args)
     if args.quiet:
         print(json.dumps({k: info[k] for k in ("selected_epoch", "val_accuracy", "train_seconds")}))
 

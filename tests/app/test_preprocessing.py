@@ -353,9 +353,9 @@ def resized_sizes(monkeypatch) -> list[tuple[int, int]]:
     """Sizes of the decoded images that decode_image hands to the shared resize."""
     sizes = []
 
-    def spy(img, image_size):
+    def spy(img, image_size, *args):
         sizes.append(img.size)
-        return pil_to_uint8(img, image_size)
+        return pil_to_uint8(img, image_size, *args)
 
     monkeypatch.setattr(preprocessing, "pil_to_uint8", spy)
     return sizes

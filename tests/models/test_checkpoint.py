@@ -30,7 +30,7 @@ def test_file_is_not_a_pickle(tmp_path: Path, tiny_checkpoint):
     save_checkpoint(path, tiny_checkpoint)
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8 : 8 + header_len])
-    assert header["__metadata__"]["vqa_serve_format"] == "1"
+    assert header["__metadata__"]["vqa_serve_format"] == "2"
 
 
 def test_missing_file(tmp_path: Path):
