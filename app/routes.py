@@ -86,9 +86,7 @@ def _question_answer(svc: VQAService, enc, probs, top_k: int) -> QuestionAnswer:
 
 def _explanation(e: Explained) -> Explanation:
     grid = e.cam.heatmap
-    block = e.cam.layer.block
-    return Explanation(method=e.cam.method, answer=e.answer,
-                       layer=f"VGG16 block {block}: conv{block}_3 after ReLU, before its max-pool",
+    return Explanation(method=e.cam.method, answer=e.answer, layer=e.cam.layer.name,
                        shape=list(grid.shape), grid=[[round(v, 4) for v in row] for row in grid.tolist()],
                        explain_ms=round(e.seconds * 1000, 3))
 

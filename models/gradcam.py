@@ -44,6 +44,12 @@ class CamLayer:
     block: int  # 1-based VGG16 block
     cut: int  # index in ``backbone.features`` of the max-pool that ends the block
     grid: int  # side of the block's output grid at the model's input size
+    convs: int = 3  # convolutions in the block: the explained one is conv<block>_<convs>
+    depth: int = 16  # VGG depth of the backbone
+
+    @property
+    def name(self) -> str:
+        return f"VGG{self.depth} block {self.block}: conv{self.block}_{self.convs} after ReLU, before its max-pool"
 
 
 def block_grid_sides(image_size: int, blocks: int = 5) -> list[int]:
@@ -62,7 +68,9 @@ def cam_layer(model: VQAModel, min_grid: int = MIN_GRID) -> CamLayer:
     sides = block_grid_sides(model.cfg.image.image_size, len(pools))
     usable = [k for k, s in enumerate(sides) if s >= min_grid]
     k = usable[-1] if usable else 0  # tiny inputs: the finest grid there is
-    return CamLayer(block=k + 1, cut=pools[k], grid=sides[k])
+    start = pools[k - 1] if k else 0
+    convs = sum(isinstance(m, nn.Conv2d) for m in features[start : pools[k]])
+    return CamLayer(block=k + 1, cut=pools[k], grid=sides[k], convs=convs, depth=model.cfg.image.depth)
 
 
 METHODS = ("grad-cam", "hirescam")
@@ -126,9 +134,12 @@ def grad_cam(model: VQAModel, pixels: torch.Tensor, ids: torch.Tensor, lengths: 
         maps = maps.detach().clone().requires_grad_(True)
         x = backbone.features[layer.cut :](maps)
         x = torch.flatten(backbone.avgpool(x), 1)
-        feature = F.normalize(model.image_encoder.projection(backbone.classifier(x)).float(), p=2, dim=1)
-        # VQAModel.answer_logits with the question already encoded.
-        logits = model.head((model.image_scale * feature).to(q.dtype) * q).float()
+        feature = model.image_encoder.embed(backbone.classifier(x))
+        # VQAModel.answer_logits with the question already encoded (imported checkpoints may
+        # fuse the unit feature without a learned scale).
+        if model.image_scale is not None:
+            feature = model.image_scale * feature
+        logits = model.head(feature.to(q.dtype) * q).float()
         target = int(logits[0].argmax()) if answer_index is None else int(answer_index)
         (grad,) = torch.autograd.grad(_contrastive_score(logits[0], target), maps)
     with torch.no_grad():

@@ -13,12 +13,13 @@ from models.transforms import normalize
 from tests.conftest import QUESTIONS, tiny_config
 
 
-def _model(image_size: int, width: float, batch_norm: bool, pool: int) -> VQAModel:
+def _model(image_size: int, width: float, batch_norm: bool, pool: int, depth: int = 16,
+           learned_image_scale: bool = True) -> VQAModel:
     cfg = VQAConfig(
         image=ImageEncoderConfig(image_size=image_size, width=width, batch_norm=batch_norm, pool_size=pool,
-                                 embed_size=16, dropout=0.0),
+                                 embed_size=16, dropout=0.0, depth=depth),
         question=QuestionEncoderConfig(vocab_size=12, word_dim=8, hidden_size=8, num_layers=1, embed_size=16),
-        num_answers=5, head_hidden=16, dropout=0.0)
+        num_answers=5, head_hidden=16, dropout=0.0, learned_image_scale=learned_image_scale)
     return VQAModel(cfg).eval()
 
 
@@ -128,6 +129,28 @@ def test_grad_cam_refuses_batches_and_training_mode():
         grad_cam(model.train(), x[:1], ids, lengths)
     with pytest.raises(ValueError):
         grad_cam(model.eval(), x[:1], ids, lengths, method="nope")
+
+
+@pytest.mark.parametrize("depth,learned_image_scale", [(16, False), (11, True), (19, False)])
+def test_other_vgg_depths_and_no_image_scale_match_the_textbook_computation(depth, learned_image_scale):
+    """The layouts vqa-train --vgg-depth and vqa-import build (#11): the heatmap's own forward pass
+    is the model's (same answer, same probabilities) and agrees with the hook-based reference."""
+    torch.manual_seed(depth)
+    model = _model(64, 1 / 8, True, 2, depth=depth, learned_image_scale=learned_image_scale)
+    for m in model.modules():
+        if isinstance(m, torch.nn.ReLU):
+            m.inplace = False
+    x = torch.randn(1, 3, 64, 64)
+    ids, lengths = torch.tensor([[2, 3, 4]]), torch.tensor([3])
+    for method in METHODS:
+        got = grad_cam(model, x, ids, lengths, method=method)
+        with torch.no_grad():
+            torch.testing.assert_close(got.probs, torch.softmax(model(x, ids, lengths)[0], 0), atol=1e-5, rtol=0)
+        want, target = _reference_cam(model, x, ids, lengths, got.layer.block, method)
+        model.zero_grad(set_to_none=True)
+        assert (got.layer.block, got.answer_index) == (4, target)
+        assert got.layer.name.startswith(f"VGG{depth} block 4: conv4_{ {11: 2, 16: 3, 19: 4}[depth]} ")
+        torch.testing.assert_close(got.heatmap, want, atol=2e-4, rtol=1e-3)
 
 
 @pytest.mark.slow
