@@ -14,6 +14,7 @@ without a checkpoint.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections import Counter
@@ -74,6 +75,14 @@ def _examples(predictor: Predictor, split: VQASplit, n: int = 6) -> list[dict]:
                            pixels=split.images[int(split.image_index[q])]) for q in range(n)]
     return [{"question": split.questions[q], "expected": split.answers[q],
              "predicted": predictor.answers[int(a.probs[0].argmax())]} for q, a in enumerate(predictor.run(reqs))]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     predictor = Predictor.from_file(args.weights, device=args.device, precision=args.precision)
     split = load_easy_vqa("test", image_size=predictor.image_size)
     with torch.inference_mode():
-        report = evaluate(predictor, split)
+        report = {"checkpoint_sha256": _sha256(args.weights), **evaluate(predictor, split)}
         if not args.no_natural:
             natural = natural_split(split)
             report["natural_phrasings"] = evaluate(predictor, natural)

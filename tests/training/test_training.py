@@ -8,7 +8,7 @@ import torch
 from pathlib import Path
 
 from models import load_checkpoint
-from training import evaluate, train
+from training import evaluate, model_card, train
 from training.data import image_attribute_labels, load_easy_vqa, question_kind
 
 
@@ -24,6 +24,28 @@ def test_shipped_weights_accuracy_on_the_whole_test_split(shipped_weights, capsy
     natural = report["natural_phrasings"]
     assert natural["questions"] == 9673 and natural["accuracy"] >= 0.97, natural
     assert natural["expected_calibration_error"] < 0.02
+    # weights/README.md is generated from the committed weights/eval/easy-vqa.json: it must be
+    # this file's measurement, and what this run measures
+    committed = json.loads(model_card.RESULTS["shipped"].read_text())
+    assert committed["checkpoint_sha256"] == report["checkpoint_sha256"]
+    for part in ((committed, report), (committed["natural_phrasings"], natural)):
+        assert part[0]["correct"] == part[1]["correct"] and part[0]["questions"] == part[1]["questions"]
+        assert part[0]["expected_calibration_error"] == pytest.approx(part[1]["expected_calibration_error"], abs=1e-4)
+
+
+def test_model_card_is_generated_from_the_committed_results():
+    card = model_card.CARD.read_text()
+    results = model_card.load_results()
+    assert model_card.render(card, results, load_checkpoint(model_card.SHIPPED).info) == card, \
+        "weights/README.md is out of date: python -m training.model_card"
+    assert f"sha256 `{results['shipped']['checkpoint_sha256']}`" in card
+    assert "| **this checkpoint** |" in card and "82.34% (7,965/9,673)" in card  # the previous checkpoint's row
+    # the project README quotes the same figures
+    readme = " ".join((model_card.WEIGHTS_DIR.parent / "README.md").read_text().replace("*", "").split())
+    shipped = results["shipped"]
+    assert f"{100 * shipped['accuracy']:.2f}% on the easy-VQA test split" in readme
+    assert f"{100 * shipped['natural_phrasings']['accuracy']:.2f}% on the same questions asked the way people talk" in readme
+    assert f"expected calibration error {100 * shipped['expected_calibration_error']:.2f} points" in readme
 
 
 def test_expected_calibration_error():
