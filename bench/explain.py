@@ -39,7 +39,7 @@ import torch
 
 from app.settings import DEFAULT_WEIGHTS
 from models import Predictor
-from models.gradcam import METHODS
+from models.gradcam import DEFAULT_METHOD, METHODS
 from models.transforms import pil_to_uint8
 
 from .loadgen import run_cell
@@ -78,7 +78,8 @@ def box_share(heat: torch.Tensor, box: tuple[float, float, float, float], size: 
 
 def heat_quality(predictor: Predictor, n: int, seed: int = 0, methods=METHODS) -> dict:
     size = predictor.image_size
-    out: dict = {"scenes": n, "image_size": size, "side_fraction": list(SCENE_SIDE), "questions": QUESTIONS}
+    out: dict = {"scenes": n, "seed": seed, "image_size": size, "side_fraction": list(SCENE_SIDE),
+                 "questions": QUESTIONS}
     rows: dict[tuple[str, str], dict] = {}
     for scene in scenes(n, size, seed):
         pixels = pil_to_uint8(scene.image, size)
@@ -177,6 +178,54 @@ def throughput(weights: Path, baseline_ref: str, rounds: int, requests: int, con
             "median_requests_per_s": med, "ratio_this_tree_to_baseline": med["this_tree"] / med["baseline"]}
 
 
+DOC = REPO / "docs" / "explanations.md"
+_BEGIN = "<!-- bench-explain:begin (python -m bench.explain --doc; do not edit by hand) -->"
+_END = "<!-- bench-explain:end -->"
+
+
+def markdown(result: dict) -> str:
+    """The measured section of docs/explanations.md, from a bench.explain results file."""
+    lines = [f"Measured by `{result['command'].strip()}` ({result['started']}; {result['machine']}, torch "
+             f"{result['torch']}, weights `{result['weights']}`); results: `bench/results/explain.json`."]
+    if "quality" in result:
+        q = result["quality"]
+        lines += ["", f"**Heatmap quality**: {q['scenes']} generated scenes, {q['image_size']}x{q['image_size']}, "
+                  f"the shape's bounding square {q['side_fraction'][0]:g}-{q['side_fraction'][1]:g} of the image "
+                  f"side (at most a quarter of its area); heat grid {q['grid'][0]}x{q['grid'][1]} (VGG16 block "
+                  f"{q['block']}). Share of the heatmap's mass inside the shape's box dilated by one cell:", "",
+                  "| question | method | heat in the box | uniform heat (box area share) | all-zero heatmaps | "
+                  "answers right |", "|---|---|---|---|---|---|"]
+        for r in q["results"]:
+            served = " (served)" if r["method"] == DEFAULT_METHOD else ""
+            lines.append(f"| {r['question']}: \"{q['questions'][r['question']]}\" | {r['method']}{served} | "
+                         f"**{100 * r['heat_in_box']:.1f}%** | {100 * r['uniform_baseline']:.1f}% | "
+                         f"{r['empty_heatmaps']} | {100 * r['answer_accuracy']:.1f}% |")
+    if "latency" in result:
+        lat = result["latency"]
+        lines += ["", f"**Latency** (one server, concurrency 1, {lat['pairs']} plain / `explain=true` pairs "
+                  f"alternating, every image new to the server): plain p50 **{lat['plain_p50_ms']:.1f} ms**, "
+                  f"`explain=true` p50 **{lat['explain_p50_ms']:.1f} ms**: x{lat['ratio_explain_to_plain']:.2f} "
+                  f"(the explanation itself, server side: p50 {lat['server_explain_ms_p50']:.1f} ms)."]
+    if "throughput" in result:
+        t = result["throughput"]
+        med = t["median_requests_per_s"]
+        lines += ["", f"**Plain-request throughput, explanations off**: this tree vs `{t['baseline_ref']}` "
+                  f"(`{t['baseline_commit'][:10]}`), both serving the same weights, {t['rounds']} alternating "
+                  f"rounds of {t['requests_per_round']} cache-miss requests at concurrency {t['concurrency']}:", "",
+                  "| server | requests/s per round | median |", "|---|---|---|"]
+        for name in ("baseline", "this_tree"):
+            rounds = ", ".join(f"{x:.1f}" for x in t["requests_per_s"][name])
+            lines.append(f"| {name.replace('_', ' ')} | {rounds} | {med[name]:.1f} |")
+        lines += ["", f"Ratio this tree / baseline: **{t['ratio_this_tree_to_baseline']:.3f}**."]
+    return "\n".join(lines)
+
+
+def update_doc(doc: Path, result: dict) -> None:
+    text = doc.read_text()
+    a, b = text.index(_BEGIN) + len(_BEGIN), text.index(_END)
+    doc.write_text(text[:a] + "\n" + markdown(result) + "\n" + text[b:])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.explain", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
@@ -189,7 +238,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], choices=["quality", "latency", "throughput"])
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "explain.json")
+    p.add_argument("--doc", nargs="?", type=Path, const=DOC, default=None,
+                   help=f"rewrite the measured section of this doc (default {DOC.relative_to(REPO)}) from the results")
+    p.add_argument("--render", type=Path, metavar="RESULTS",
+                   help="measure nothing: render this results file (into --doc, or print it)")
     args = p.parse_args(argv)
+    if args.render:
+        rendered = json.loads(args.render.read_text())
+        if args.doc:
+            update_doc(args.doc, rendered)
+        else:
+            print(markdown(rendered))
+        return
 
     result: dict = {"schema": SCHEMA, "command": "python -m bench.explain " + " ".join(argv or sys.argv[1:]),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "weights": args.weights.name,
@@ -220,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     log(f"wrote {args.out}")
+    if args.doc:
+        update_doc(args.doc, result)
+        log(f"rewrote the measured section of {args.doc}")
 
 
 if __name__ == "__main__":
