@@ -58,7 +58,13 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="vqa-serve bind address (0.0.0.0 in the container)")
     port: int = Field(8000, ge=0, le=65535, description="vqa-serve port")
     log_level: str = Field("info", description="log level: debug, info, warning, error")
+    access_log: bool = Field(False, description="one uvicorn access-log line per request (at log level info "
+                             "or below); off by default: it cost 0.2-0.3 ms of event-loop CPU per request "
+                             "(docs/performance.md), and request counts, statuses and latencies are in /metrics")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful drain on SIGTERM, seconds at most")
+    drain_grace_s: float = Field(2.0, ge=0, le=600, description="after SIGTERM, how long open keep-alive "
+                                 "connections are still read and answered (new requests: 503 + Connection: "
+                                 "close; admitted ones: served) before idle ones are closed")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed CORS origins, comma separated (empty: CORS closed)")
 

@@ -155,7 +155,7 @@ def throughput(weights: Path, baseline_ref: str, rounds: int, requests: int, con
     with tempfile.TemporaryDirectory(prefix="vqa-baseline-") as tmp:
         commit = _extract(baseline_ref, Path(tmp))
         with ServerProcess(env, ready_timeout_s=600) as ours, \
-                ServerProcess(env, cwd=Path(tmp), ready_timeout_s=600) as base:
+                ServerProcess(env, repo=Path(tmp), ready_timeout_s=600) as base:
             servers = {"this_tree": ours, "baseline": base}
             stream = scenes(2 * rounds * (requests + 32), size, seed)
             it = iter(stream)

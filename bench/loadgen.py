@@ -24,6 +24,7 @@ from typing import Sequence
 import aiohttp
 import numpy as np
 
+from .proc import TreeSnapshot, cpu_breakdown, process_tree
 from .workloads import PreparedRequest
 
 
@@ -46,21 +47,27 @@ class _Sent:
     wall_s: float
     cpu_s: float  # this process
     server_cpu_s: float | None
+    server_threads: dict | None  # bench.proc.cpu_breakdown of the server's process tree
 
 
 def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` (all its threads), or None off Linux."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    # After the ")" ending the command name, utime and stime are the 12th and 13th fields.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of process ``pid`` and its descendants (all their threads,
+    exited ones included), or None off Linux. A ``VQA_WORKERS=N`` server is a process tree."""
+    total, found = 0.0, False
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found = True
+        # After the ")" ending the command name, utime and stime are the 12th and 13th fields.
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total if found else None
 
 
 async def _send_all(base_url: str, requests: Sequence[PreparedRequest], concurrency: int,
-                    timeout_s: float, server_pid: int | None) -> _Sent:
+                    timeout_s: float, server_pid: int | None, roles: dict[int, str] | None = None) -> _Sent:
     outcomes: list[Outcome | None] = [None] * len(requests)
     queue = iter(range(len(requests)))  # shared: next() never yields to the loop, so no lock
     # aiohttp, one session with one keep-alive connection per worker. The generator shares the
@@ -85,15 +92,18 @@ async def _send_all(base_url: str, requests: Sequence[PreparedRequest], concurre
                 outcomes[i] = Outcome(0, time.perf_counter() - started, b"")
 
     try:
+        threads0 = TreeSnapshot.take(server_pid)
         server0 = process_cpu_seconds(server_pid) if server_pid else None
         cpu0, started = time.process_time(), time.perf_counter()
         await asyncio.gather(*(worker(s) for s in sessions))
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu0
         server1 = process_cpu_seconds(server_pid) if server_pid else None
+        threads1 = TreeSnapshot.take(server_pid)
     finally:
         await asyncio.gather(*(s.close() for s in sessions))
     server_cpu = server1 - server0 if server0 is not None and server1 is not None else None
-    return _Sent(outcomes, wall, cpu, server_cpu)  # type: ignore[arg-type]
+    return _Sent(outcomes, wall, cpu, server_cpu,  # type: ignore[arg-type]
+                 cpu_breakdown(threads0, threads1, len(requests), roles) if server_pid else None)
 
 
 def percentiles_ms(values_s: Sequence[float]) -> dict[str, float | None]:
@@ -110,12 +120,13 @@ def _median(values: Sequence[float]) -> float | None:
 
 def run_cell(base_url: str, requests: Sequence[PreparedRequest], concurrency: int, *,
              server_pid: int | None = None, timeout_s: float = 600, cpu_count: int | None = None,
-             keep_latencies: bool = False) -> dict:
+             keep_latencies: bool = False, keep_bodies: bool = False,
+             roles: dict[int, str] | None = None) -> dict:
     """Send ``requests`` with ``concurrency`` closed-loop workers; return the cell's numbers
     (throughput, latency percentiles, server-reported timings, CPU accounting; with
     ``keep_latencies``, every successful request's latency too, in ms, in sending order)."""
     cpu_count = cpu_count or os.cpu_count() or 1
-    sent = _run_loop(_send_all(base_url, requests, concurrency, timeout_s, server_pid))
+    sent = _run_loop(_send_all(base_url, requests, concurrency, timeout_s, server_pid, roles))
     wall, loadgen_cpu, server_cpu = sent.wall_s, sent.cpu_s, sent.server_cpu_s
 
     ok = [o for o in sent.outcomes if o.status == 200]
@@ -144,6 +155,8 @@ def run_cell(base_url: str, requests: Sequence[PreparedRequest], concurrency: in
             "cpu_s": server_cpu,
             "machine_share": server_cpu / (wall * cpu_count) if wall > 0 else None,
         },
+        # Per process of the server's tree: main thread (the event loop) and other threads.
+        "server_threads": sent.server_threads,
     }
     if timed:
         cell["server_timing_ms"] = {
@@ -155,6 +168,8 @@ def run_cell(base_url: str, requests: Sequence[PreparedRequest], concurrency: in
             "outside_service_p50": _median([lat - t["total_ms"] for lat, t in timed]),
         }
         cell["batch_size_mean"] = float(np.mean([t["batch_size"] for _, t in timed]))
+    if keep_bodies:  # every response body in sending order (b"" when none came)
+        cell["bodies"] = [o.content for o in sent.outcomes]
     if keep_latencies:
         cell["latencies_ms"] = [o.latency_s * 1000 for o in ok]
         cell["timed"] = [{"latency_ms": lat, **t} for lat, t in timed]

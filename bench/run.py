@@ -257,7 +257,15 @@ def bench_regime(regime: Regime, args: argparse.Namespace, device: str, settings
     return result
 
 
+SUITES = {"http": "bench.httpcost", "drain": "bench.drain", "litserve": "bench.peer"}  # vqa-bench <suite> ...: the other benchmarks, one module each
+
+
 def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] and raw[0] in SUITES:
+        import importlib
+
+        return importlib.import_module(SUITES[raw[0]]).main(raw[1:])
     args = parse_args(argv)
     regimes = build_regimes(args)
     device = resolve_device(args.device)

@@ -40,22 +40,25 @@ class ServerProcess:
     """``with ServerProcess({"VQA_MAX_BATCH_SIZE": "1"}) as srv: httpx.get(srv.url + "/readyz")``"""
 
     def __init__(self, settings: dict[str, str] | None = None, port: int | None = None,
-                 log_path: Path | None = None, ready_timeout_s: float = 300, cwd: Path | None = None) -> None:
-        """``cwd``: the source tree to serve (default: this repository); another checkout, e.g. a
-        baseline commit extracted by a benchmark, runs its own ``app`` package."""
+                 log_path: Path | None = None, ready_timeout_s: float = 300, repo: Path = REPO,
+                 command: list[str] | None = None, ready_path: str = "/readyz") -> None:
+        """``repo``: the source tree to serve (e.g. a checkout of an older commit, to compare
+        against); ``command``: what to run there instead of ``python -m app.cli``."""
+        self.repo = repo
+        self.command = command or [sys.executable, "-m", "app.cli"]
+        self.ready_path = ready_path
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "VQA_HOST": "127.0.0.1", "VQA_PORT": str(self.port),
                     "VQA_LOG_LEVEL": "warning", **(settings or {})}
         self.log_path = log_path
-        self.cwd = cwd or REPO
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None
         self._log = None
 
     def start(self) -> "ServerProcess":
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=self.cwd, env=self.env,
+        self.proc = subprocess.Popen(self.command, cwd=self.repo, env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         try:
             self.wait_ready()
@@ -71,7 +74,7 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode} before ready"
                                    + (f"; log: {self.log_path}" if self.log_path else ""))
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -349,17 +349,25 @@ def test_deadline_gives_504_and_server_recovers():
         async with running_app(request_timeout_s=0.2) as (app, client):
             app.state.service.runner.fault_injector = slow
             r = await client.post("/v1/answer", **form(png_bytes(), "what shape"))
+            batcher = app.state.service.batcher
+            # A forward pass past the request timeout turns readiness (and admission) off: the
+            # gate is still shut, so that happens however slow the machine is.
+            while (stalled := await client.get("/readyz")).status_code == 200:
+                await asyncio.sleep(0.01)
             gate.set()
-            # A forward pass past the request timeout turns readiness (and admission) off until
-            # it returns; wait for that, as a load balancer would.
-            while (await client.get("/readyz")).status_code != 200:
+            # ... until it returns. Wait for the stuck pass (and the real forward pass after the
+            # fault) to finish and readiness to come back, as a load balancer would. (Polling
+            # /readyz alone races on a busy machine: it can say 200 just before the pass still
+            # running crosses the 0.2 s mark, and the next request is then refused.)
+            while batcher.busy_s > 0 or (await client.get("/readyz")).status_code != 200:
                 await asyncio.sleep(0.01)
             # Recovered: a normal request is answered. (Its deadline is lifted first: 0.2 s for
             # a decode plus a forward pass also timed out on a busy shared machine.)
             app.state.service.settings.request_timeout_s = 30
             ok = await client.post("/v1/answer", **form(png_bytes(), "what shape"))
-            return r, ok
+            return r, stalled, ok
 
-    r, ok = run(main())
+    r, stalled, ok = run(main())
     assert_error(r, 504, "timeout")
+    assert stalled.status_code == 503 and "stalled" in stalled.text
     assert ok.status_code == 200

@@ -1,0 +1,200 @@
+"""``vqa-bench http``: what the HTTP path costs, as CPU time of the server's event loop per request.
+
+The event loop is one thread (uvicorn runs it on the process's main thread); while it is busy
+no other request is parsed, routed or answered, so its CPU time per request bounds what one
+server process can serve whatever the device does. CPU time is read per thread from
+``/proc/<pid>/task/*/stat`` before and after each cell (``bench/proc.py``): it is far less
+sensitive than throughput to other jobs on a shared machine, which slow a cell down but add
+little CPU to the thread being measured.
+
+Several server configurations run side by side, all started at once and measured in
+alternating rounds (so drift lands on all of them): the current tree's server with its defaults
+(log level ``info``, access log off), the same with ``VQA_ACCESS_LOG=true`` (what the access
+log costs), and, with ``--before DIR`` (a checkout of an older commit, e.g. ``git worktree add
+/tmp/before <rev>``), that tree's server at log level ``warning`` (no access log: the figure
+the issue measured) and at its default ``info`` (which wrote an access-log line per request).
+Every cell sends distinct generated images (cache misses) to the shipped model at each
+concurrency; results go to JSON and, with ``--doc``, to the ``http`` section of
+docs/performance.md.
+
+    vqa-bench http --before /tmp/before --doc docs/performance.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import machine
+from .loadgen import run_cell
+from .server import REPO, ServerProcess
+from .workloads import ImageFormat, ImageStream, miss_workload
+
+SCHEMA = "vqa-bench-http/1"
+MARKERS = ("<!-- vqa-bench:http:begin -->", "<!-- vqa-bench:http:end -->")
+
+
+def log(msg: str) -> None:
+    print(f"[vqa-bench http {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def servers(before: Path | None) -> dict[str, dict]:
+    out = {
+        "after": {"repo": REPO, "env": {"VQA_LOG_LEVEL": "info"},
+                  "title": "this tree, defaults (log level info, access log off)"},
+        "after_access_log": {"repo": REPO, "env": {"VQA_LOG_LEVEL": "info", "VQA_ACCESS_LOG": "true"},
+                             "title": "this tree, VQA_ACCESS_LOG=true"},
+    }
+    if before is not None:
+        out = {"before": {"repo": before, "env": {"VQA_LOG_LEVEL": "warning"},
+                          "title": "before, log level warning (no access log)"},
+               "before_info": {"repo": before, "env": {"VQA_LOG_LEVEL": "info"},
+                               "title": "before, its default log level info (access log on)"},
+               **out}
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vqa-bench http", description=__doc__.split("\n\n")[0])
+    p.add_argument("--before", type=Path, default=None,
+                   help="a source tree of an older commit whose server is measured beside this one")
+    p.add_argument("--concurrency", default="1,32", help="closed-loop concurrency levels (default 1,32)")
+    p.add_argument("--requests", type=int, default=1000, help="requests per cell (default 1000)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds over the servers (default 3)")
+    p.add_argument("--device", default="cpu", help="the servers' VQA_DEVICE (default cpu)")
+    p.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "http-cpu.json")
+    p.add_argument("--doc", type=Path, default=None, help="markdown file whose http section is rewritten")
+    p.add_argument("--label", default=None)
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    return args
+
+
+def measure(args: argparse.Namespace) -> dict:
+    configs = servers(args.before)
+    stream = ImageStream(ImageFormat(64, "PNG"), seed=13)
+    procs = {}
+    try:
+        for name, cfg in configs.items():
+            log(f"starting {name}: {cfg['title']}")
+            procs[name] = ServerProcess({"VQA_DEVICE": args.device, "VQA_REQUEST_TIMEOUT_S": "600", **cfg["env"]},
+                                        repo=cfg["repo"], ready_timeout_s=300).start()
+        for name, srv in procs.items():  # warm-up, untimed
+            run_cell(srv.url, miss_workload(stream, 64)[1], 32)
+        cells: dict[str, list[dict]] = {name: [] for name in procs}
+        for r in range(args.rounds):
+            for c in args.concurrency:
+                for name, srv in procs.items():
+                    _, requests = miss_workload(stream, args.requests)
+                    cell = run_cell(srv.url, requests, c, server_pid=srv.pid)
+                    cell.pop("server_threads_detail", None)
+                    cell["round"] = r
+                    t = cell["server_threads"]
+                    log(f"round {r} c={c:<3} {name:<17} {cell['ok']}/{cell['requests']} ok "
+                        f"{cell['requests_per_s']:7.1f} req/s  event loop {t['event_loop_ms_per_request']:.3f} ms/req, "
+                        f"other threads {t['other_threads_ms_per_request']:.3f} ms/req")
+                    cells[name].append(cell)
+    finally:
+        for srv in procs.values():
+            srv.stop()
+    summary = {}
+    for name, cs in cells.items():
+        summary[name] = {}
+        for c in args.concurrency:
+            mine = [x for x in cs if x["concurrency"] == c]
+            loop = [x["server_threads"]["event_loop_ms_per_request"] for x in mine]
+            other = [x["server_threads"]["other_threads_ms_per_request"] for x in mine]
+            summary[name][str(c)] = {
+                "event_loop_ms_per_request": float(np.median(loop)),
+                "event_loop_ms_per_request_rounds": loop,
+                "other_threads_ms_per_request": float(np.median(other)),
+                "requests_per_s": float(np.median([x["requests_per_s"] for x in mine])),
+                "ok": sum(x["ok"] for x in mine), "requests": sum(x["requests"] for x in mine),
+                "batch_size_mean": float(np.mean([x.get("batch_size_mean", 0) for x in mine])),
+                "loadgen_cpu_ms_per_request": float(np.median([x["loadgen"]["cpu_ms_per_request"] for x in mine])),
+            }
+    return {"servers": {n: {"title": c["title"], "env": c["env"],
+                            "tree": "this" if c["repo"] == REPO else str(c["repo"])}
+                        for n, c in configs.items()},
+            "summary": summary, "cells": cells}
+
+
+def render(results: dict) -> str:
+    conc = results["concurrency"]
+    lines = [f"- Command: `{results['command']}`",
+             f"- Date: {results['created']}; load average at start {results['load_average_start']}, "
+             f"at end {results['load_average_end']}; {results['rounds']} alternating rounds of "
+             f"{results['requests']} distinct-image requests per cell, shipped model, CPU",
+             "- Results file: `bench/results/http-cpu.json`", "",
+             "| server | " + " | ".join(f"event loop ms/req c={c}" for c in conc)
+             + " | " + " | ".join(f"other threads ms/req c={c}" for c in conc)
+             + " | " + " | ".join(f"req/s c={c}" for c in conc) + " | 200s |",
+             "|---|" + "---|" * (3 * len(conc) + 1)]
+    s = results["summary"]
+    for name, meta in results["servers"].items():
+        row = s[name]
+        lines.append(f"| {meta['title']} | "
+                     + " | ".join(f"{row[str(c)]['event_loop_ms_per_request']:.3f}" for c in conc) + " | "
+                     + " | ".join(f"{row[str(c)]['other_threads_ms_per_request']:.2f}" for c in conc) + " | "
+                     + " | ".join(f"{row[str(c)]['requests_per_s']:.0f}" for c in conc) + " | "
+                     + f"{sum(row[str(c)]['ok'] for c in conc)}/{sum(row[str(c)]['requests'] for c in conc)} |")
+    if "before" in s:
+        lines += ["", "Ratios (median of rounds; each round measures every server in turn):", ""]
+        for c in conc:
+            b, a = s["before"][str(c)]["event_loop_ms_per_request"], s["after"][str(c)]["event_loop_ms_per_request"]
+            bi = s["before_info"][str(c)]["event_loop_ms_per_request"]
+            acc = s["after_access_log"][str(c)]["event_loop_ms_per_request"]
+            lines.append(f"- c={c}: event loop {b:.3f} → {a:.3f} ms per request ({a / b:.2f}× the before "
+                         f"figure at log level warning; {a / bi:.2f}× its default with the access log); "
+                         f"the access log costs {acc - a:+.3f} ms per request now, "
+                         f"{bi - b:+.3f} ms before")
+    return "\n".join(lines) + "\n"
+
+
+def update_doc(doc: Path, results: dict) -> None:
+    text = doc.read_text()
+    begin, end = MARKERS
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc}: no {begin} … {end} markers")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(head + begin + "\n<!-- generated by `vqa-bench http` / `python -m bench.httpcost "
+                   "--render`; do not edit by hand -->\n" + render(results) + end + tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--render"]:  # re-render the doc section from a results file
+        results = json.loads(Path(argv[1]).read_text())
+        update_doc(Path(argv[2]), results) if len(argv) > 2 else print(render(results), end="")
+        return 0
+    args = parse_args(argv)
+    started = time.perf_counter()
+    results = {"schema": SCHEMA, "label": args.label,
+               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "command": shlex.join(["vqa-bench", "http", *argv]),
+               "machine": machine.describe(__import__("torch").device(args.device)),
+               "load_average_start": machine.load_average(), "concurrency": args.concurrency,
+               "requests": args.requests, "rounds": args.rounds}
+    results.update(measure(args))
+    results["load_average_end"] = machine.load_average()
+    results["duration_s"] = time.perf_counter() - started
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=1) + "\n")
+    log(f"results: {args.output}")
+    print(render(results), end="")
+    if args.doc is not None:
+        update_doc(args.doc, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

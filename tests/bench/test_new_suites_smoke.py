@@ -1,0 +1,36 @@
+"""Smoke runs of ``vqa-bench http`` and ``vqa-bench drain``: real servers, tiny loads, structure
+and correctness only (every request answered; nothing lost at SIGTERM; exit 0), no timings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import drain, httpcost
+
+
+@pytest.mark.slow
+def test_http_suite_measures_event_loop_cpu_per_request(tmp_path):
+    out = tmp_path / "http.json"
+    assert httpcost.main(["--requests", "24", "--rounds", "1", "--concurrency", "1,4", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["summary"]) == {"after", "after_access_log"}
+    for row in results["summary"].values():
+        for c in ("1", "4"):
+            assert row[c]["ok"] == row[c]["requests"] == 24
+            assert row[c]["event_loop_ms_per_request"] > 0  # the main thread did the HTTP work
+    assert "event loop ms/req c=1" in httpcost.render(results)
+
+
+@pytest.mark.slow
+def test_drain_under_keep_alive_load_loses_nothing_and_exits_0(tmp_path):
+    """SIGTERM 0.5 s into 200 requests from 32 keep-alive connections: every request is
+    answered (200 or 503 with Retry-After and Connection: close) or its connection refused."""
+    out = tmp_path / "drain.json"
+    rc = drain.main(["--runs", "1", "--requests", "200", "--connections", "32", "--output", str(out)])
+    results = json.loads(out.read_text())
+    run = results["runs"][0]
+    assert run["lost"] == [] and run["bad_503"] == 0 and run["exit_code"] == 0, run
+    assert set(run["outcomes"]) <= {"200", "503", "refused"} and sum(run["outcomes"].values()) == 200
+    assert rc == 0
