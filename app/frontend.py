@@ -352,6 +352,14 @@ class FrontEndService(VQAService):
             return f"front ends starting ({self.started.get()} of {self.front_ends})"
         return super().not_ready_reason()
 
+    def explain_slot(self):
+        """explain=true (#12) needs the model's backward pass, which lives in the model process;
+        the IPC carries no explanation job yet, so a front end refuses it at once, clearly,
+        before any work (instead of failing inside it)."""
+        self.metrics.explanations.labels("unavailable").inc()
+        raise ApiError(501, "explain_unavailable", "explain=true is not available when the server runs "
+                       "VQA_WORKERS > 1 front ends; ask without explain, or run with VQA_WORKERS=1")
+
     async def ask(self, data: bytes, questions: list[EncodedQuestion], request_id: str,
                   reservation=None) -> Asked:
         """As :meth:`VQAService.ask`, with the batcher in the model process. ``reservation``

@@ -39,7 +39,7 @@ class Metrics:
                                   "error (the halves are retried; a single image that still fails "
                                   "counts as an out_of_memory failure)", registry=r)
         self.explanations = Counter("vqa_explanations", "explain=true requests by outcome (ok; busy: refused "
-                                    "over VQA_EXPLAIN_CONCURRENCY; failed)", ["outcome"], registry=r)
+                                    "over VQA_EXPLAIN_CONCURRENCY; failed; unavailable: VQA_WORKERS > 1)", ["outcome"], registry=r)
         self.explain_duration = Histogram("vqa_explain_duration_seconds", "Grad-CAM computation (decode + "
                                           "forward + backward), one explanation", buckets=_LATENCY_BUCKETS, registry=r)
         self.explaining = Gauge("vqa_explanations_inflight", "explain=true requests being answered", registry=r)
