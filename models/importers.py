@@ -209,6 +209,10 @@ def import_basic_vqa(checkpoint: str | Path, vocab_questions: str | Path, vocab_
     if len(answers) != cfg.num_answers:
         raise ImportFailed(f"{vocab_answers}: {len(answers)} answers, but {checkpoint.name}'s fc2 "
                            f"scores {cfg.num_answers}: not this model's answer vocabulary")
+    if answers[:1] != [UNK] or PAD in answers:
+        raise ImportFailed(f"{vocab_answers}: the first line must be {UNK} and {PAD} must not appear "
+                           f"(basic_vqa's answer vocabulary), found {answers[:2]}: is it the "
+                           f"questions file?")
     try:
         vocab = Vocabulary(words, cfg.question.tokenizer)
     except ValueError as e:
@@ -244,9 +248,8 @@ def import_basic_vqa(checkpoint: str | Path, vocab_questions: str | Path, vocab_
         "source_epoch": epoch,
         "vocab_questions": vocab_questions.name,
         "vocab_answers": vocab_answers.name,
-        "unknown_answer": (f"answers[{answers.index(UNK)}] is {UNK!r}, basic_vqa's class for answers "
-                           f"outside its vocabulary; served as is when it scores highest")
-        if UNK in answers else None,
+        "unknown_answer": f"answers[0] is {UNK!r}, basic_vqa's class for answers outside its "
+                          f"vocabulary; served as is when it scores highest",
         "pipeline": "basic_vqa's: VGG%d, punctuation kept as tokens, padded to %d tokens with %s and "
                     "run unpacked, LANCZOS resize to %dx%d, ImageNet mean/std, no learnable image "
                     "scale, head %d -> %d -> %d" % (cfg.image.depth, max_qst_length, PAD, image_size,

@@ -21,7 +21,7 @@ import torch
 from models import ImageQuestions, Predictor
 
 from . import vqa_metric
-from .vqa2 import VQA2Split, iter_images, load_vqa2
+from .vqa2 import VQA2Split, iter_images, load_vqa2, nonempty
 
 
 def answer_split(predictor: Predictor, split: VQA2Split, batch_images: int = 32,
@@ -34,7 +34,8 @@ def answer_split(predictor: Predictor, split: VQA2Split, batch_images: int = 32,
     transform = predictor.model.cfg.image.transform
     out: dict[int, str] = {}
     for chunk, pixels in iter_images(split.image_paths(), transform, rows, batch_images, workers):
-        reqs = [ImageQuestions(questions=[predictor.encode_question(split.questions[q]) for q in by_image[r]],
+        reqs = [ImageQuestions(questions=[nonempty(predictor.encode_question(split.questions[q]))
+                                          for q in by_image[r]],
                                pixels=pixels[i]) for i, r in enumerate(chunk)]
         for r, ans in zip(chunk, predictor.run(reqs)):
             for q, a in zip(by_image[r], ans.probs.argmax(dim=1).tolist()):

@@ -29,11 +29,10 @@ from tqdm import tqdm
 from models import AnswerVocabulary, Checkpoint, VQAModel, Vocabulary, save_checkpoint
 from models.predictor import resolve_device
 from models.question import pad_questions
-from models.vocab import UNK, UNK_ID, EncodedQuestion
 
 from . import vqa_metric
 from .features import extract_features
-from .vqa2 import VQA2Split, answer_vocabulary, iter_images, load_vqa2, soft_scores
+from .vqa2 import VQA2Split, answer_vocabulary, iter_images, load_vqa2, nonempty, soft_scores
 
 
 def _dense(scores: list[dict[int, float]], rows: torch.Tensor, num_answers: int) -> torch.Tensor:
@@ -95,10 +94,7 @@ def predict(model: VQAModel, images: _Images, vocab: Vocabulary, answers: Answer
 
 
 def _encode(vocab: Vocabulary, texts: list[str], max_tokens: int):
-    enc = [vocab.encode(t, max_tokens=max_tokens) for t in texts]
-    # A question without a single token (all punctuation) still needs one step: <unk>.
-    enc = [e if len(e) else EncodedQuestion(e.text, (UNK,), (UNK_ID,), ()) for e in enc]
-    return pad_questions(enc)
+    return pad_questions([nonempty(vocab.encode(t, max_tokens=max_tokens)) for t in texts])
 
 
 def official_accuracy(split: VQA2Split, predictions: dict[int, str]) -> float:

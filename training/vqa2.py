@@ -27,6 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from models.transforms import ImageTransform
+from models.vocab import UNK, UNK_ID, EncodedQuestion
 
 from .vqa_metric import normalize_answer
 
@@ -221,23 +222,40 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        return i, load_image(self.paths[i], self.transform)
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
+        try:
+            return i, load_image(self.paths[i], self.transform)
+        except DatasetError as e:
+            # Returned, not raised: a DataLoader worker would wrap it in its own traceback.
+            # iter_images raises it again, as it is, in the process that iterates.
+            return i, str(e)
 
 
 def iter_images(paths: Sequence[Path], transform: ImageTransform, rows: Sequence[int],
                 batch_size: int, workers: int = 0):
     """Yield ``(rows_chunk, [b, 3, S, S] uint8)`` for ``rows`` in order, ``batch_size`` at a
-    time, decoded by ``workers`` processes (0: in this one)."""
+    time, decoded by ``workers`` processes (0: in this one). An unreadable image raises
+    :class:`DatasetError` naming the file, whichever process decoded it."""
     folder = ImageFolder([paths[r] for r in rows], transform)
     loader = torch.utils.data.DataLoader(folder, batch_size=batch_size, shuffle=False,
                                          num_workers=workers, collate_fn=_collate)
     for idx, pixels in loader:
+        if isinstance(pixels, str):
+            raise DatasetError(pixels)
         yield [rows[i] for i in idx], pixels
 
 
 def _collate(items):
+    for _, p in items:
+        if isinstance(p, str):
+            return None, p  # the first unreadable image's message
     return [i for i, _ in items], torch.stack([p for _, p in items])
+
+
+def nonempty(question: EncodedQuestion) -> EncodedQuestion:
+    """A question without a single token (only punctuation, for a tokenizer that drops it)
+    still needs one LSTM step: ``<unk>``. Training and evaluation both answer it that way."""
+    return question if len(question) else EncodedQuestion(question.text, (UNK,), (UNK_ID,), ())
 
 
 def answer_vocabulary(split: VQA2Split, num_answers: int) -> list[str]:

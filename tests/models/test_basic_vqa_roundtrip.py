@@ -1,21 +1,24 @@
 """The round trip of issue #11: a model in basic_vqa's exact layout (full torchvision VGG19,
 random weights), saved the way its train.py saves, imported with ``vqa-import basic-vqa``,
-served over HTTP: the service's answers are that model's own forward pass, with its own
+served over HTTP by a real ``vqa-serve`` process (uvicorn on a TCP port, the safetensors file
+as ``VQA_WEIGHTS``): the service's answers are that model's own forward pass, with its own
 preprocessing (LANCZOS to 224, ToTensor, Normalize) and padding (``<pad>`` to 30, unpacked)."""
 
 from __future__ import annotations
 
 import gc
 import io
+import json
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from PIL import Image
 
-from models import load_checkpoint
+from models.checkpoint import read_metadata
 from models.importers import main as vqa_import
-from tests.app.conftest import run, running_app
+from tests.app.realserver import real_server
 from tests.models import basic_vqa_layout as bv
 
 Q_WORDS = ["<pad>", "<unk>", "'", "-", "?", "a", "are", "color", "dogs", "how", "is", "it", "like",
@@ -26,22 +29,24 @@ QUESTIONS = ["What is the man's name?", "what color is the zebra", "How many dog
              "is this a xylophone-like thing?!", "Is it raining?"]
 
 
-def _photo(size: tuple[int, int], seed: int, fmt: str) -> bytes:
+def _photo(size: tuple[int, int], seed: int, fmt: str, mode: str = "RGB") -> bytes:
     """A smooth random picture (upsampled noise), so resize filters see real gradients."""
     g = torch.Generator().manual_seed(seed)
     small = (torch.rand(12, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
-    img = Image.fromarray(small).resize(size, Image.BICUBIC)
+    img = Image.fromarray(small).resize(size, Image.BICUBIC).convert(mode)
     buf = io.BytesIO()
     img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return buf.getvalue()
 
 
 # Several sizes and both formats; the large JPEG would take libjpeg's reduced-scale decode
-# under our own pipeline, which basic_vqa's full decode must not.
+# under our own pipeline, which basic_vqa's full decode must not. COCO also holds grayscale
+# JPEGs, which basic_vqa resized as they are and converted to RGB after.
 IMAGES = [("photo.jpg", _photo((640, 480), 1, "JPEG"), "image/jpeg"),
           ("tall.png", _photo((97, 203), 2, "PNG"), "image/png"),
           ("square.png", _photo((224, 224), 3, "PNG"), "image/png"),
-          ("big.jpg", _photo((1024, 768), 4, "JPEG"), "image/jpeg")]
+          ("big.jpg", _photo((1024, 768), 4, "JPEG"), "image/jpeg"),
+          ("gray.jpg", _photo((333, 250), 5, "JPEG", mode="L"), "image/jpeg")]
 
 
 @pytest.mark.slow
@@ -80,20 +85,21 @@ def test_basic_vqa_checkpoint_served_over_http_matches_its_own_forward_pass(tmp_
     vqa_import(["basic-vqa", str(ckpt), "--vocab-questions", str(vq), "--vocab-answers", str(va),
                 "--out", str(out)])
     ckpt.unlink()
-    assert load_checkpoint(out).model.cfg.image.depth == 19
+    assert json.loads(read_metadata(out)["config"])["image"]["depth"] == 19  # read from the shapes
 
-    async def ask():
-        async with running_app(weights=out, max_top_k=len(ANSWERS)) as (_, client):
-            bodies = []
-            for name, data, mime in IMAGES:
-                r = await client.post("/v1/answers", files={"image": (name, data, mime)},
-                                      data={"questions": QUESTIONS, "top_k": str(len(ANSWERS))})
-                assert r.status_code == 200, r.text
-                bodies.append(r.json())
-            return bodies
+    settings = {"VQA_WEIGHTS": str(out), "VQA_MAX_TOP_K": str(len(ANSWERS)),
+                "VQA_REQUEST_TIMEOUT_S": "600"}  # a VGG19 pass on a busy 2-core CI machine
+    bodies = []
+    with real_server(settings, log_path=tmp_path / "server.log") as srv, \
+            httpx.Client(base_url=srv.url, timeout=600) as client:
+        for name, data, mime in IMAGES:
+            r = client.post("/v1/answers", files={"image": (name, data, mime)},
+                            data={"questions": QUESTIONS, "top_k": str(len(ANSWERS))})
+            assert r.status_code == 200, r.text
+            bodies.append(r.json())
 
     worst = 0.0
-    for i, body in enumerate(run(ask(), timeout=600)):
+    for i, body in enumerate(bodies):
         assert body["model"] == "basic-vqa-vgg19-lstm"
         for j, (q, got) in enumerate(zip(QUESTIONS, body["answers"])):
             probs = {s["answer"]: s["confidence"] for s in got["top_k"]}

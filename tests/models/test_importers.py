@@ -243,6 +243,10 @@ def test_vocab_files_must_match_the_tensors(tmp_path: Path):
     bv.write_vocab(swapped, ["<unk>", "<pad>"] + Q_WORDS[2:])
     with pytest.raises(ImportFailed, match=r"swapped\.txt: the first two lines must be <pad> and <unk>"):
         import_basic_vqa(ckpt, swapped, va, tmp_path / "o.safetensors")
+    no_unk = tmp_path / "no_unk_answers.txt"
+    bv.write_vocab(no_unk, ANSWERS[1:] + ["maybe"])  # right count, but not basic_vqa's layout
+    with pytest.raises(ImportFailed, match=r"no_unk_answers\.txt: the first line must be <unk>"):
+        import_basic_vqa(ckpt, vq, no_unk, tmp_path / "o.safetensors")
     dup = tmp_path / "dup_answers.txt"
     bv.write_vocab(dup, ANSWERS[:-1] + ["yes"])
     with pytest.raises(ImportFailed, match=r"dup_answers\.txt: .*duplicates"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import load_checkpoint
+from models import AnswerVocabulary, Checkpoint, VQAModel, Vocabulary, load_checkpoint, save_checkpoint
 from models.vgg import ImageEncoderConfig, VGGBackbone
 from training import evaluate, train, vqa_metric
 from training.features import FeatureCacheError, extract_features
@@ -20,6 +20,7 @@ from training.vqa2 import (
     annotations_path,
     answer_vocabulary,
     image_path,
+    iter_images,
     load_image,
     load_vqa2,
     questions_path,
@@ -31,6 +32,16 @@ from tests.training.vqa2_fixture import make_vqa2_fixture
 @pytest.fixture
 def root_copy(vqa2_root: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(vqa2_root, tmp_path / "vqa"))
+
+
+@pytest.fixture
+def one_thread():
+    """The compact models here train as fast on one thread as on two, and far faster when the
+    CPU is shared (two-thread barriers stall on a busy core); ``--threads`` sets the process's
+    thread count, restored afterwards for the tests that follow."""
+    n = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(n)
 
 
 # --- the layout and its errors --------------------------------------------------------------
@@ -62,15 +73,21 @@ def test_missing_files_are_named(root_copy: Path):
         load_vqa2(root_copy / "nowhere", "train2014")
 
 
-def test_unreadable_image_is_named(root_copy: Path):
+def test_unreadable_image_is_named(root_copy: Path, one_thread):
     s = load_vqa2(root_copy, "train2014")
     bad = s.image_paths()[0]
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    transform = ImageEncoderConfig(image_size=32).transform
     with pytest.raises(DatasetError, match=rf"{bad.name}: not a readable image"):
-        load_image(bad, ImageEncoderConfig(image_size=32).transform)
+        load_image(bad, transform)
+    # Decoded by a DataLoader worker process: the same one-line error, not the worker's traceback.
+    with pytest.raises(DatasetError) as caught:
+        list(iter_images(s.image_paths(), transform, [1, 0, 2], batch_size=2, workers=1))
+    assert str(caught.value).startswith(f"{bad}: not a readable image") and "Traceback" not in str(caught.value)
     with pytest.raises(SystemExit, match=rf"vqa-train: .*{bad.name}: not a readable image"):
         train.main(["--dataset", "vqa2", "--data-root", str(root_copy), "--epochs", "1", "--quiet",
-                    "--device", "cpu", "--image-size", "32", "--pool-size", "1", "--out", str(root_copy / "x.st")])
+                    "--device", "cpu", "--image-size", "32", "--pool-size", "1", "--out", str(root_copy / "x.st"),
+                    *one_thread])
 
 
 def _edit(path: Path, fn) -> None:
@@ -129,6 +146,15 @@ def test_soft_scores_are_min_count_over_3(vqa2_root: Path):
 # --- training and evaluation on the fixture ---------------------------------------------------
 
 
+def _majority_baseline(train_split, val_split) -> float:
+    """Every validation question answered with the training split's most frequent answer."""
+    overall: Counter = Counter()
+    for q in range(len(train_split)):
+        overall.update(train_split.annotator_answers(q))
+    top = overall.most_common(1)[0][0]
+    return vqa_metric.evaluate(val_split.annotations, {qid: top for qid in val_split.question_ids})["overall"]
+
+
 def _blind_baseline(train_split, val_split) -> float:
     """The best a model that never looks at the image can be expected to do: each validation
     question answered with the training answer most often given to the very same question text."""
@@ -144,10 +170,11 @@ def _blind_baseline(train_split, val_split) -> float:
 
 
 @pytest.mark.slow
-def test_vqa2_training_learns_and_eval_writes_official_results(vqa2_root: Path, tmp_path: Path, capsys):
+def test_vqa2_training_learns_and_eval_writes_official_results(vqa2_root: Path, tmp_path: Path, capsys,
+                                                               one_thread):
     out = tmp_path / "vqa2.safetensors"
     train.main(["--dataset", "vqa2", "--data-root", str(vqa2_root), "--out", str(out), "--epochs", "12",
-                "--image-size", "32", "--pool-size", "1", "--quiet", "--device", "cpu"])
+                "--image-size", "32", "--pool-size", "1", "--quiet", "--device", "cpu", *one_thread])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ckpt = load_checkpoint(out)
     assert ckpt.info["validation"].startswith("24 images held out of train2014")
@@ -164,10 +191,15 @@ def test_vqa2_training_learns_and_eval_writes_official_results(vqa2_root: Path, 
     assert [r["question_id"] for r in written] == val.question_ids  # every question exactly once
     assert all(set(r) == {"question_id", "answer"} and isinstance(r["answer"], str) for r in written)
 
-    blind = _blind_baseline(load_vqa2(vqa2_root, "train2014", annotations=True), val)
+    train_split = load_vqa2(vqa2_root, "train2014", annotations=True)
+    blind = _blind_baseline(train_split, val)
+    majority = _majority_baseline(train_split, val)
     with capsys.disabled():
-        print(f"\nvqa2 fixture: official accuracy on val2014 {scores['overall']:.2f} "
-              f"(blind question-only baseline {blind:.2f}); by answer type {scores['perAnswerType']}")
+        print(f"\nvqa2 fixture: official accuracy on val2014 {scores['overall']:.2f} (majority answer "
+              f"{majority:.2f}, blind question-only baseline {blind:.2f}); by answer type "
+              f"{scores['perAnswerType']}; selected epoch {summary['selected_epoch']}, "
+              f"{summary['train_seconds']:.0f}s")
+    assert blind > majority  # the question-only baseline is the stronger of the two
     assert scores["overall"] >= blind + 10, (scores, blind)
 
     # Scoring the written file alone gives the same figures, and its text report names them.
@@ -187,6 +219,42 @@ def test_vqa2_training_learns_and_eval_writes_official_results(vqa2_root: Path, 
     assert len(json.loads(test_results.read_text())) == len(load_vqa2(vqa2_root, "test2015"))
     with pytest.raises(SystemExit, match="has no annotations to score"):
         evaluate.main([str(out), "--dataset", "vqa2", "--data-root", str(vqa2_root), "--split", "test2015"])
+
+
+def _tiny_checkpoint(path: Path, questions: list[str], answers: list[str]) -> None:
+    """An untrained compact model (enough to answer; what it answers does not matter here)."""
+    torch.manual_seed(0)
+    args = train.build_parser().parse_args(["--image-size", "32", "--pool-size", "1", "--width", "0.0625",
+                                            "--embed-size", "8", "--word-dim", "8", "--hidden-size", "8",
+                                            "--head-hidden", "8"])
+    vocab = Vocabulary.build(questions)
+    model = VQAModel(train.compact_config(len(vocab), len(answers), args)).eval()
+    save_checkpoint(path, Checkpoint(model=model, vocab=vocab, answers=AnswerVocabulary(answers), name="tiny"))
+
+
+def test_eval_answers_every_question_once_and_names_unreadable_images(root_copy: Path, tmp_path: Path, capsys):
+    qpath = questions_path(root_copy, "val2014")
+    _edit(qpath, lambda d: d["questions"][0].update(question="?!"))  # no word at all: still answered
+    val = load_vqa2(root_copy, "val2014", annotations=True)
+    ckpt = tmp_path / "tiny.safetensors"
+    _tiny_checkpoint(ckpt, val.questions, ["yes", "no", "2", "red"])
+    results = tmp_path / "results.json"
+    evaluate.main([str(ckpt), "--dataset", "vqa2", "--data-root", str(root_copy), "--split", "val2014",
+                   "--results", str(results), "--json", "--device", "cpu", "--workers", "1"])
+    scores = json.loads(capsys.readouterr().out)
+    written = json.loads(results.read_text())
+    assert [r["question_id"] for r in written] == val.question_ids  # each question once, in file order
+    assert {r["answer"] for r in written} <= {"yes", "no", "2", "red"}
+    assert scores["overall"] == vqa_metric.evaluate(val.annotations, {r["question_id"]: r["answer"] for r in written})["overall"]
+
+    bad = val.image_paths()[5]
+    bad.write_bytes(b"GIF89a truncated")
+    for workers in ("0", "1"):
+        with pytest.raises(SystemExit) as caught:
+            evaluate.main([str(ckpt), "--dataset", "vqa2", "--data-root", str(root_copy), "--split", "val2014",
+                           "--results", str(results), "--device", "cpu", "--workers", workers])
+        assert str(caught.value).startswith(f"vqa-eval: {bad}: not a readable image"), caught.value
+        assert "Traceback" not in str(caught.value)
 
 
 def test_score_results_errors(vqa2_root: Path, tmp_path: Path):
