@@ -30,12 +30,13 @@ Try it: open **POST /v1/answer**, press *Try it out*, choose an image file, type
 
 
 def create_app(settings: Settings | None = None, predictor: Predictor | None = None,
-               fast_path: bool = True) -> FastAPI:
+               fast_path: bool = True, service: VQAService | None = None) -> FastAPI:
     """``fast_path=False`` serves the inference routes through FastAPI's routes in app/routes.py
-    instead of app/fastpath.py (same contract, ~2x the event-loop CPU; tests compare the two)."""
+    instead of app/fastpath.py (same contract, ~2x the event-loop CPU; tests compare the two).
+    ``service``: a service built by the caller (a ``VQA_WORKERS`` front end's, app/frontend.py)."""
     settings = settings or get_settings()
-    metrics = Metrics()
-    service = VQAService(settings, metrics, predictor)
+    if service is None:
+        service = VQAService(settings, Metrics(), predictor)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

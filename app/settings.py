@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     access_log: bool = Field(False, description="one uvicorn access-log line per request (at log level info "
                              "or below); off by default: it cost 0.2-0.3 ms of event-loop CPU per request "
                              "(docs/performance.md), and request counts, statuses and latencies are in /metrics")
+    workers: int = Field(0, ge=0, le=64, description="HTTP front-end processes on the one port, sharing one "
+                         "model-owning process (docs/scaling.md); 0: 1 when the model runs on the CPU, else "
+                         "one per 4 CPUs (1 to 8); 1: a single process, no IPC")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful drain on SIGTERM, seconds at most")
     drain_grace_s: float = Field(2.0, ge=0, le=600, description="after SIGTERM, how long open keep-alive "
                                  "connections are still read and answered (new requests: 503 + Connection: "
