@@ -106,10 +106,12 @@ def parse_form(body: bytes, content_type: str) -> list[tuple[str, str | Uploaded
         for event in parser.parse(body):
             if isinstance(event, MultipartSegment):
                 segment, chunks, size = event, [], 0
-                disposition = parse_options_header(event.header("Content-Disposition", "") or "")[1]
-                if "name" not in disposition:
+                # The parser read the Content-Disposition already; it reports a missing name as
+                # "" (non-strict mode), so only an empty name needs a second look.
+                if not event.name and "name" not in parse_options_header(
+                        event.header("Content-Disposition", "") or "")[1]:
                     raise FormError('The Content-Disposition header field "name" must be provided.')
-                is_file = "filename" in disposition
+                is_file = event.filename is not None
                 if is_file:
                     files += 1
                     if files > MAX_FILES:
@@ -189,6 +191,10 @@ def validation_error(e: ValidationError) -> ApiError:
 
 
 # ---------------------------------------------------------------------------------- responses
+# The response models are built with ``model_construct`` (no validation: the values are ours,
+# of the declared types) and serialised by pydantic-core; tests/app/test_fastpath.py checks the
+# bytes against what the FastAPI routes return.
+_score = AnswerScore.model_construct
 _ANSWER_JSON = TypeAdapter(AnswerResponse)
 _ANSWERS_JSON = TypeAdapter(MultiAnswerResponse)
 
@@ -202,23 +208,23 @@ def top_k(answers: list[str], probs, k: int) -> list[AnswerScore]:
     if n <= 256:
         row = probs.tolist()
         best = sorted(range(n), key=row.__getitem__, reverse=True)[:k]
-        return [AnswerScore(answer=answers[i], confidence=row[i]) for i in best]
+        return [_score(answer=answers[i], confidence=row[i]) for i in best]
     p = probs.numpy() if hasattr(probs, "numpy") else np.asarray(probs)
     best = np.argpartition(-p, k - 1)[:k] if k < n else np.arange(n)
     best = best[np.argsort(-p[best], kind="stable")]
-    return [AnswerScore(answer=answers[i], confidence=float(p[i])) for i in best.tolist()]
+    return [_score(answer=answers[i], confidence=float(p[i])) for i in best.tolist()]
 
 
 def _question_answer(answers: list[str], enc, probs, k: int) -> QuestionAnswer:
     best = top_k(answers, probs, k)
-    return QuestionAnswer(question=enc.text, answer=best[0].answer, confidence=best[0].confidence,
-                          top_k=best, unknown_words=list(enc.unknown_words))
+    return QuestionAnswer.model_construct(question=enc.text, answer=best[0].answer, confidence=best[0].confidence,
+                                          top_k=best, unknown_words=list(enc.unknown_words))
 
 
 def _timing(asked: Asked) -> Timing:
     r = asked.result
-    return Timing(queue_ms=round(r.queued_s * 1000, 3), inference_ms=round(r.run_s * 1000, 3),
-                  total_ms=round(asked.total_s * 1000, 3), batch_size=r.batch_size)
+    return Timing.model_construct(queue_ms=round(r.queued_s * 1000, 3), inference_ms=round(r.run_s * 1000, 3),
+                                  total_ms=round(asked.total_s * 1000, 3), batch_size=r.batch_size)
 
 
 # ---------------------------------------------------------------------------------- the endpoint
@@ -317,7 +323,7 @@ class InferenceEndpoint:
                     return None
         p = svc.predictor
         qa = _question_answer(p.answers.answers, enc, asked.result.value.probs[0], k)  # type: ignore[union-attr]
-        return _ANSWER_JSON.dump_json(AnswerResponse(
+        return _ANSWER_JSON.dump_json(AnswerResponse.model_construct(
             question=qa.question, answer=qa.answer, confidence=qa.confidence, top_k=qa.top_k,
             unknown_words=qa.unknown_words, model=p.name,  # type: ignore[union-attr]
             image_cached=asked.cached, timing=_timing(asked),
@@ -342,7 +348,7 @@ class InferenceEndpoint:
         p = svc.predictor
         probs = asked.result.value.probs
         answers = p.answers.answers  # type: ignore[union-attr]
-        return _ANSWERS_JSON.dump_json(MultiAnswerResponse(
+        return _ANSWERS_JSON.dump_json(MultiAnswerResponse.model_construct(
             model=p.name, image_cached=asked.cached,  # type: ignore[union-attr]
             answers=[_question_answer(answers, e, probs[i], k) for i, e in enumerate(encoded)],
             timing=_timing(asked)))
