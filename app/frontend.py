@@ -382,16 +382,8 @@ class FrontEndService(VQAService):
             finally:
                 if reservation is not None:
                     reservation.release()
-        except QueueFull as e:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ApiError(503, "overloaded", "request queue is full; retry later",
-                           headers={"Retry-After": f"{e.retry_after_s:.0f}"}) from None
-        except BatcherClosed:
-            raise ApiError(503, "unavailable", "server is shutting down or unhealthy",
-                           headers={"Retry-After": "1"}) from None
-        except DeadlineExceeded:
-            self.metrics.failures.labels("timeout").inc()
-            raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s:g}s") from None
+        except (QueueFull, BatcherClosed, DeadlineExceeded) as e:
+            raise self.batcher_refusal(e) from None
         except InferenceError as e:
             self.metrics.failures.labels(e.kind).inc()
             log.error("inference failed for request_id=%s: %s (traceback in the model process's log)",

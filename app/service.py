@@ -252,6 +252,19 @@ class VQAService:
             raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {self.settings.max_top_k}")
         return min(top_k, len(self._loaded_predictor().answers))
 
+    def batcher_refusal(self, e: QueueFull | BatcherClosed | DeadlineExceeded) -> ApiError:
+        """The API error (counted in the metrics) for a job the batcher refused or did not
+        answer in time; shared by this process's batcher and a front end's remote one."""
+        if isinstance(e, QueueFull):
+            self.metrics.rejected.labels("queue_full").inc()
+            return ApiError(503, "overloaded", "request queue is full; retry later",
+                            headers={"Retry-After": f"{e.retry_after_s:.0f}"})
+        if isinstance(e, BatcherClosed):
+            return ApiError(503, "unavailable", "server is shutting down or unhealthy",
+                            headers={"Retry-After": "1"})
+        self.metrics.failures.labels("timeout").inc()
+        return ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s:g}s")
+
     async def ask(self, data: bytes, questions: list[EncodedQuestion], request_id: str) -> Asked:
         """Answer ``questions`` about the image in ``data`` (decoded once, encoded once)."""
         batcher = self._running_batcher()
@@ -271,17 +284,8 @@ class VQAService:
                             request_id=request_id)
             try:
                 done = await batcher.submit(job, self.settings.request_timeout_s, arrival)
-            except QueueFull as e:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise ApiError(503, "overloaded", "request queue is full; retry later",
-                               headers={"Retry-After": f"{e.retry_after_s:.0f}"}) from None
-            except BatcherClosed:
-                raise ApiError(503, "unavailable", "server is shutting down or unhealthy",
-                               headers={"Retry-After": "1"}) from None
-            except DeadlineExceeded:
-                self.metrics.failures.labels("timeout").inc()
-                raise ApiError(504, "timeout",
-                               f"no answer within {self.settings.request_timeout_s:g}s") from None
+            except (QueueFull, BatcherClosed, DeadlineExceeded) as e:
+                raise self.batcher_refusal(e) from None
             except (BatchFailed, InferenceError) as e:
                 kind = e.kind if isinstance(e, InferenceError) else type(e.cause).__name__
                 self.metrics.failures.labels(kind).inc()
