@@ -26,6 +26,7 @@ here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -37,6 +38,7 @@ from starlette.types import Receive, Scope, Send
 
 from .errors import ApiError
 from .schemas import AnswerResponse, AnswerScore, MultiAnswerResponse, QuestionAnswer, Timing
+from .routes import _explanation as explanation  # the same Explanation as the FastAPI route
 from .service import Asked, VQAService
 
 log = logging.getLogger("vqa.fastpath")
@@ -108,10 +110,12 @@ def parse_form(body: bytes, content_type: str) -> list[tuple[str, str | Uploaded
         for event in parser.parse(body):
             if isinstance(event, MultipartSegment):
                 segment, chunks, size = event, [], 0
-                disposition = parse_options_header(event.header("Content-Disposition", "") or "")[1]
-                if "name" not in disposition:
+                # The parser read the Content-Disposition already; it reports a missing name as
+                # "" (non-strict mode), so only an empty name needs a second look.
+                if not event.name and "name" not in parse_options_header(
+                        event.header("Content-Disposition", "") or "")[1]:
                     raise FormError('The Content-Disposition header field "name" must be provided.')
-                is_file = "filename" in disposition
+                is_file = event.filename is not None
                 if is_file:
                     files += 1
                     if files > MAX_FILES:
@@ -160,6 +164,7 @@ class _Form(BaseModel):
 class AnswerForm(_Form):
     question: Annotated[str, Field(min_length=1)]
     top_k: int = 3
+    explain: bool = False
 
 
 class AnswersForm(_Form):
@@ -190,6 +195,10 @@ def validation_error(e: ValidationError) -> ApiError:
 
 
 # ---------------------------------------------------------------------------------- responses
+# The response models are built with ``model_construct`` (no validation: the values are ours,
+# of the declared types) and serialised by pydantic-core; tests/app/test_fastpath.py checks the
+# bytes against what the FastAPI routes return.
+_score = AnswerScore.model_construct
 _ANSWER_JSON = TypeAdapter(AnswerResponse)
 _ANSWERS_JSON = TypeAdapter(MultiAnswerResponse)
 
@@ -203,23 +212,23 @@ def top_k(answers: list[str], probs, k: int) -> list[AnswerScore]:
     if n <= 256:
         row = probs.tolist()
         best = sorted(range(n), key=row.__getitem__, reverse=True)[:k]
-        return [AnswerScore(answer=answers[i], confidence=row[i]) for i in best]
+        return [_score(answer=answers[i], confidence=row[i]) for i in best]
     p = probs.numpy() if hasattr(probs, "numpy") else np.asarray(probs)
     best = np.argpartition(-p, k - 1)[:k] if k < n else np.arange(n)
     best = best[np.argsort(-p[best], kind="stable")]
-    return [AnswerScore(answer=answers[i], confidence=float(p[i])) for i in best.tolist()]
+    return [_score(answer=answers[i], confidence=float(p[i])) for i in best.tolist()]
 
 
 def _question_answer(answers: list[str], enc, probs, k: int) -> QuestionAnswer:
     best = top_k(answers, probs, k)
-    return QuestionAnswer(question=enc.text, answer=best[0].answer, confidence=best[0].confidence,
-                          top_k=best, unknown_words=list(enc.unknown_words))
+    return QuestionAnswer.model_construct(question=enc.text, answer=best[0].answer, confidence=best[0].confidence,
+                                          top_k=best, unknown_words=list(enc.unknown_words))
 
 
 def _timing(asked: Asked) -> Timing:
     r = asked.result
-    return Timing(queue_ms=round(r.queued_s * 1000, 3), inference_ms=round(r.run_s * 1000, 3),
-                  total_ms=round(asked.total_s * 1000, 3), batch_size=r.batch_size)
+    return Timing.model_construct(queue_ms=round(r.queued_s * 1000, 3), inference_ms=round(r.run_s * 1000, 3),
+                                  total_ms=round(asked.total_s * 1000, 3), batch_size=r.batch_size)
 
 
 # ---------------------------------------------------------------------------------- the endpoint
@@ -317,15 +326,24 @@ class InferenceEndpoint:
             raise validation_error(e) from None
         k = svc.check_top_k(form.top_k)
         enc = svc.parse_question(form.question)
-        asked = await self._ask(scope, receive, form.image.data, [enc])
-        if asked is None:
-            return None
+        explained = None
+        # explain=true (#12): its own concurrency bound (503 explain_busy), then the Grad-CAM pass
+        with svc.explain_slot() if form.explain else contextlib.nullcontext():
+            asked = await self._ask(scope, receive, form.image.data, [enc])
+            if asked is None:
+                return None
+            if form.explain:
+                explained = await self._ask(scope, receive, form.image.data, [enc], work=svc.explain(
+                    form.image.data, enc, scope["state"]["request_id"]))
+                if explained is None:
+                    return None
         p = svc.predictor
         qa = _question_answer(p.answers.answers, enc, asked.result.value.probs[0], k)  # type: ignore[union-attr]
-        return _ANSWER_JSON.dump_json(AnswerResponse(
+        return _ANSWER_JSON.dump_json(AnswerResponse.model_construct(
             question=qa.question, answer=qa.answer, confidence=qa.confidence, top_k=qa.top_k,
             unknown_words=qa.unknown_words, model=p.name,  # type: ignore[union-attr]
-            image_cached=asked.cached, timing=_timing(asked)))
+            image_cached=asked.cached, timing=_timing(asked),
+            explanation=explanation(explained) if explained is not None else None), exclude_none=True)
 
     async def _answers(self, scope: Scope, receive: Receive, items) -> bytes | None:
         svc = self.service
@@ -346,12 +364,12 @@ class InferenceEndpoint:
         p = svc.predictor
         probs = asked.result.value.probs
         answers = p.answers.answers  # type: ignore[union-attr]
-        return _ANSWERS_JSON.dump_json(MultiAnswerResponse(
+        return _ANSWERS_JSON.dump_json(MultiAnswerResponse.model_construct(
             model=p.name, image_cached=asked.cached,  # type: ignore[union-attr]
             answers=[_question_answer(answers, e, probs[i], k) for i, e in enumerate(encoded)],
             timing=_timing(asked)))
 
-    async def _ask(self, scope: Scope, receive: Receive, data: bytes, questions) -> Asked | None:
+    async def _ask(self, scope: Scope, receive: Receive, data: bytes, questions, work=None) -> Asked | None:
         """``service.ask``, withdrawn (None) if the client disconnects first. One watcher task
         cancels this one on a disconnect (the FastAPI route runs the work in a task of its own
         and waits on both)."""
@@ -367,7 +385,7 @@ class InferenceEndpoint:
 
         watcher = asyncio.ensure_future(watch())
         try:
-            asked = await self.service.ask(data, questions, scope["state"]["request_id"])
+            asked = await (work if work is not None else self.service.ask(data, questions, scope["state"]["request_id"]))
             state["working"] = False
             return asked
         except asyncio.CancelledError:

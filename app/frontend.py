@@ -352,6 +352,14 @@ class FrontEndService(VQAService):
             return f"front ends starting ({self.started.get()} of {self.front_ends})"
         return super().not_ready_reason()
 
+    def explain_slot(self):
+        """explain=true (#12) needs the model's backward pass, which lives in the model process;
+        the IPC carries no explanation job yet, so a front end refuses it at once, clearly,
+        before any work (instead of failing inside it)."""
+        self.metrics.explanations.labels("unavailable").inc()
+        raise ApiError(501, "explain_unavailable", "explain=true is not available when the server runs "
+                       "VQA_WORKERS > 1 front ends; ask without explain, or run with VQA_WORKERS=1")
+
     async def ask(self, data: bytes, questions: list[EncodedQuestion], request_id: str,
                   reservation=None) -> Asked:
         """As :meth:`VQAService.ask`, with the batcher in the model process. ``reservation``
@@ -374,16 +382,8 @@ class FrontEndService(VQAService):
             finally:
                 if reservation is not None:
                     reservation.release()
-        except QueueFull as e:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ApiError(503, "overloaded", "request queue is full; retry later",
-                           headers={"Retry-After": f"{e.retry_after_s:.0f}"}) from None
-        except BatcherClosed:
-            raise ApiError(503, "unavailable", "server is shutting down or unhealthy",
-                           headers={"Retry-After": "1"}) from None
-        except DeadlineExceeded:
-            self.metrics.failures.labels("timeout").inc()
-            raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s:g}s") from None
+        except (QueueFull, BatcherClosed, DeadlineExceeded) as e:
+            raise self.batcher_refusal(e) from None
         except InferenceError as e:
             self.metrics.failures.labels(e.kind).inc()
             log.error("inference failed for request_id=%s: %s (traceback in the model process's log)",

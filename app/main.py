@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from models import Predictor
@@ -16,7 +17,7 @@ from .errors import install_error_handlers
 from .fastpath import InferenceEndpoint
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
-from .routes import router
+from .routes import STATIC, router
 from .service import VQAService
 from .settings import Settings, get_settings
 
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the demo page's samples
     fast = InferenceEndpoint(service) if fast_path else None
     fastapi_stack = app.build_middleware_stack
 

@@ -42,6 +42,11 @@ class Metrics:
         self.oom_splits = Counter("vqa_oom_splits", "batches split in two after a CUDA out-of-memory "
                                   "error (the halves are retried; a single image that still fails "
                                   "counts as an out_of_memory failure)", registry=r)
+        self.explanations = Counter("vqa_explanations", "explain=true requests by outcome (ok; busy: refused "
+                                    "over VQA_EXPLAIN_CONCURRENCY; failed; unavailable: VQA_WORKERS > 1)", ["outcome"], registry=r)
+        self.explain_duration = Histogram("vqa_explain_duration_seconds", "Grad-CAM computation (decode + "
+                                          "forward + backward), one explanation", buckets=_LATENCY_BUCKETS, registry=r)
+        self.explaining = Gauge("vqa_explanations_inflight", "explain=true requests being answered", registry=r)
         self.ready = Gauge("vqa_ready", "1 when the model is loaded, warmed up and accepting", registry=r)
 
     def observe_batch(self, size: int, seconds: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Annotated, Awaitable, TypeVar
 
@@ -17,13 +18,14 @@ from .schemas import (
     AnswerScore,
     BatchingInfo,
     ErrorResponse,
+    Explanation,
     Health,
     ModelInfo,
     MultiAnswerResponse,
     QuestionAnswer,
     Timing,
 )
-from .service import Asked, VQAService
+from .service import Asked, Explained, VQAService
 
 router = APIRouter()
 STATIC = Path(__file__).resolve().parent / "static"
@@ -83,6 +85,13 @@ def _question_answer(svc: VQAService, enc, probs, top_k: int) -> QuestionAnswer:
     )
 
 
+def _explanation(e: Explained) -> Explanation:
+    grid = e.cam.heatmap
+    return Explanation(method=e.cam.method, answer=e.answer, layer=e.cam.layer.name,
+                       shape=list(grid.shape), grid=[[round(v, 4) for v in row] for row in grid.tolist()],
+                       explain_ms=round(e.seconds * 1000, 3))
+
+
 def _timing(asked: Asked) -> Timing:
     r = asked.result
     return Timing(queue_ms=round(r.queued_s * 1000, 3), inference_ms=round(r.run_s * 1000, 3),
@@ -95,7 +104,8 @@ ImageField = Annotated[UploadFile, File(description="the image: PNG, JPEG, WebP,
 TopKField = Annotated[int, Form(description="how many ranked answers to return")]
 
 
-@router.post("/v1/answer", response_model=AnswerResponse, responses=_ERRORS, tags=["answer"],
+@router.post("/v1/answer", response_model=AnswerResponse, response_model_exclude_none=True, responses=_ERRORS,
+             tags=["answer"],
              summary="Answer one question about an image")
 async def answer(
     request: Request,
@@ -104,21 +114,33 @@ async def answer(
     question: Annotated[str, Form(min_length=1,
                                   description="a question in English, e.g. 'what color is the shape?'")],
     top_k: TopKField = 3,
+    explain: Annotated[bool, Form(description="also return `explanation`: a Grad-CAM heatmap of where the "
+                                  "model looked for its top answer (costs a backward pass; at most "
+                                  "VQA_EXPLAIN_CONCURRENCY at once, 503 beyond)")] = False,
     svc: VQAService = Depends(get_service),
 ):
     k = svc.check_top_k(top_k)
     enc = svc.parse_question(question)
     data = await image.read()  # an empty file is refused by the decoder (400 empty_image)
     await image.close()
-    work = svc.ask(data, [enc], request_id_of(request), reservation_of(request.scope))
-    del data  # ask() owns the upload now and frees it once decoded
-    try:
-        asked = await unless_disconnected(request, work)
-    except ClientGone:
-        return Response(status_code=499)
+    explained = None
+    with svc.explain_slot() if explain else contextlib.nullcontext():
+        # An explanation decodes the upload a second time, so it keeps the bytes (and their
+        # reservation, released when the response is done); a plain request hands them to ask(),
+        # which frees them once decoded.
+        work = svc.ask(data, [enc], request_id_of(request), None if explain else reservation_of(request.scope))
+        if not explain:
+            del data
+        try:
+            asked = await unless_disconnected(request, work)
+            if explain:
+                explained = await unless_disconnected(request, svc.explain(data, enc, request_id_of(request)))
+        except ClientGone:
+            return Response(status_code=499)
     qa = _question_answer(svc, enc, asked.result.value.probs[0], k)
     return AnswerResponse(**qa.model_dump(), model=svc.predictor.name,  # type: ignore[union-attr]
-                          image_cached=asked.cached, timing=_timing(asked))
+                          image_cached=asked.cached, timing=_timing(asked),
+                          explanation=_explanation(explained) if explained is not None else None)
 
 
 @router.post("/v1/answers", response_model=MultiAnswerResponse, responses=_ERRORS, tags=["answer"],

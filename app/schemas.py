@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, Field
 
 
@@ -25,10 +27,35 @@ class QuestionAnswer(BaseModel):
     unknown_words: list[str] = Field(description="words of the question the model never saw in training")
 
 
+Unit = Annotated[float, Field(ge=0, le=1)]
+
+
+class Explanation(BaseModel):
+    """Where the model looked: a Grad-CAM heatmap of the top answer over the image."""
+
+    method: str = Field(description="how the heatmap was computed: `grad-cam` (Selvaraju et al. 2017: channel "
+                        "weights = the answer logit's gradient averaged over the grid) or `hirescam` (Draelos "
+                        "& Carin 2020: gradient times activation cell by cell, then summed over channels)")
+    answer: str = Field(description="the answer explained (the gradient is that of its log-probability: "
+                        "why this answer rather than the others): the top answer of the explanation's own "
+                        "float32 pass, equal to `answer` except, on reduced-precision GPUs, at near ties")
+    layer: str = Field(description="the feature maps explained: the last convolution (after ReLU) of the "
+                       "deepest VGG16 block whose grid is at least 8x8 at the model's input size: block 4 "
+                       "(8x8) for the shipped 64x64 model, block 5, the last, (14x14) for full-size VGG16 "
+                       "at 224x224")
+    shape: list[int] = Field(min_length=2, max_length=2, description="[rows, cols] of `grid`")
+    grid: list[list[Unit]] = Field(description="`rows` lists of `cols` values in [0, 1], top row first, left to "
+                                   "right; 1 marks the cell that supported the answer most, 0 none. Cell (r, c) "
+                                   "covers the same fraction of the image as uploaded (it is resized whole to the "
+                                   "model's input, aspect not kept): rows r/rows..(r+1)/rows, columns likewise")
+    explain_ms: float = Field(description="time to compute it (image decode, forward and backward pass)")
+
+
 class AnswerResponse(QuestionAnswer):
     model: str
     image_cached: bool = Field(description="image features came from the cache (no image decode/encode)")
     timing: Timing
+    explanation: Explanation | None = Field(None, description="only with `explain=true`: where the model looked")
 
 
 class MultiAnswerResponse(BaseModel):

@@ -5,11 +5,12 @@ thin and only translate HTTP to these calls."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import logging
+import re
 import time
-import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from models import EncodedQuestion, ImageAnswers, Predictor
+from models.gradcam import GradCam
 from models.predictor import padded_batch_sizes
 
 from .batcher import (
@@ -35,6 +37,12 @@ from .inference import AnswerJob, BatchRunner, InferenceError
 from .metrics import Metrics
 from .preprocessing import ImageError, decode_pixels
 from .settings import Settings
+from .threads import ThreadPool
+
+# Unicode categories Cc (C0, DEL, C1; fixed by Unicode's stability policy) and Cs (surrogates),
+# tab, newline and carriage return allowed: one regex scan instead of a category lookup per
+# character (tests/app/test_fastpath.py compares it with unicodedata over every code point).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 log = logging.getLogger("vqa.service")
 
@@ -48,6 +56,13 @@ class Asked:
     result: Completed[ImageAnswers]
     cached: bool
     total_s: float
+
+
+@dataclass
+class Explained:
+    cam: GradCam
+    answer: str
+    seconds: float
 
 
 def _file_digest(path: Path) -> str:
@@ -74,8 +89,9 @@ class VQAService:
         self.cache = FeatureCache(settings.feature_cache, int(settings.feature_cache_mb * 1024 * 1024))
         self.runner: BatchRunner | None = None
         self.batcher: DynamicBatcher | None = None
-        self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads,
-                                               thread_name_prefix="vqa-decode")
+        # A pool whose results reach the event loop cheaply (app/threads.py: ~20 us of loop CPU
+        # per request less than run_in_executor on a ThreadPoolExecutor).
+        self._decode_pool = ThreadPool(max_workers=settings.decode_threads, thread_name_prefix="vqa-decode")
         # Loading, warm-up and every forward pass run on this one thread. On CPU, torch's
         # OpenMP runtime keeps a worker team per thread that has run a parallel op; a second
         # team (e.g. from loading on another thread) leaves more OpenMP threads than cores, and
@@ -91,6 +107,7 @@ class VQAService:
         # Request-body bytes held at once (reserved at admission, released once decoded).
         # With VQA_WORKERS=N front ends, each holds its share, so the bound holds for the pod.
         self.inflight_bytes = ByteBudget(int(settings.max_inflight_mb * 1024 * 1024) // max(1, settings.workers))
+        self.explaining = 0  # explain=true requests being answered (VQA_EXPLAIN_CONCURRENCY)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -119,6 +136,7 @@ class VQAService:
         self.metrics.inflight.set_function(lambda: self.inflight)
         self.metrics.inflight_bytes.set_function(lambda: self.inflight_bytes.in_use)
         self.metrics.inflight_bytes_peak.set_function(lambda: self.inflight_bytes.peak)
+        self.metrics.explaining.set_function(lambda: self.explaining)
         self.metrics.cache_entries.set_function(lambda: len(self.cache))
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         # Everything allocated so far (modules, the model, imported libraries: ~280k objects)
@@ -151,6 +169,11 @@ class VQAService:
     async def stop(self) -> None:
         """Drain: refuse new work, answer everything admitted, then release resources."""
         self.draining = True
+        # Explanations admitted before the drain still need the forward thread (which the
+        # batcher's stop shuts down) after their answer: let them finish first.
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        while self.explaining and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         if self.batcher is not None:
             drained = await self.batcher.stop(timeout_s=self.settings.shutdown_timeout_s)
             log.info("batcher stopped (%s)", "drained" if drained else "drain timed out")
@@ -234,7 +257,7 @@ class VQAService:
         if len(q) > s.max_question_chars:
             raise ApiError(422, "question_too_long",
                            f"question has {len(q)} characters; the limit is {s.max_question_chars}")
-        if any(unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n\r" for c in q):
+        if _CONTROL.search(q):
             raise ApiError(422, "invalid_question", "question contains control characters")
         predictor = self._loaded_predictor()
         if len(predictor.vocab.tokenize(q)) > predictor.max_tokens:
@@ -249,6 +272,21 @@ class VQAService:
         if not 1 <= top_k <= self.settings.max_top_k:
             raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {self.settings.max_top_k}")
         return min(top_k, len(self._loaded_predictor().answers))
+
+    def batcher_refusal(self, e: QueueFull | BatcherClosed | DeadlineExceeded) -> ApiError:
+        """The API error (counted in the metrics) for a job the batcher refused or did not
+        answer in time; shared by this process's batcher and a front end's remote one."""
+        if isinstance(e, QueueFull):
+            self.metrics.rejected.labels(e.reason).inc()
+            why = ("request queue is full" if e.reason == "queue_full"
+                   else "the model cannot answer this request within the deadline")
+            return ApiError(503, "overloaded", f"{why}; retry later",
+                            headers={"Retry-After": f"{e.retry_after_s:.0f}"})
+        if isinstance(e, BatcherClosed):
+            return ApiError(503, "unavailable", "server is shutting down or unhealthy",
+                            headers={"Retry-After": "1"})
+        self.metrics.failures.labels("timeout").inc()
+        return ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s:g}s")
 
     async def ask(self, data: bytes, questions: list[EncodedQuestion], request_id: str,
                   reservation: Reservation | None = None) -> Asked:
@@ -280,19 +318,8 @@ class VQAService:
                             request_id=request_id)
             try:
                 done = await batcher.submit(job, self.settings.request_timeout_s, arrival)
-            except QueueFull as e:
-                self.metrics.rejected.labels(e.reason).inc()
-                why = ("request queue is full" if e.reason == "queue_full"
-                       else "the model cannot answer this request within the deadline")
-                raise ApiError(503, "overloaded", f"{why}; retry later",
-                               headers={"Retry-After": f"{e.retry_after_s:.0f}"}) from None
-            except BatcherClosed:
-                raise ApiError(503, "unavailable", "server is shutting down or unhealthy",
-                               headers={"Retry-After": "1"}) from None
-            except DeadlineExceeded:
-                self.metrics.failures.labels("timeout").inc()
-                raise ApiError(504, "timeout",
-                               f"no answer within {self.settings.request_timeout_s:g}s") from None
+            except (QueueFull, BatcherClosed, DeadlineExceeded) as e:
+                raise self.batcher_refusal(e) from None
             except (BatchFailed, InferenceError) as e:
                 kind = e.kind if isinstance(e, InferenceError) else type(e.cause).__name__
                 self.metrics.failures.labels(kind).inc()
@@ -303,16 +330,57 @@ class VQAService:
                                "the model failed on this request; quote the request_id") from None
         return Asked(done, cached=features is not None, total_s=time.perf_counter() - start)
 
+    # ------------------------------------------------------------------ explanations
+    @contextlib.contextmanager
+    def explain_slot(self):
+        """Hold one of the ``explain_concurrency`` slots for an explain=true request, or refuse
+        it at once (503): explanations cost a backward pass each and share the forward thread
+        with every batch, so their number is bounded separately from plain requests."""
+        limit = self.settings.explain_concurrency
+        if self.explaining >= limit:
+            self.metrics.explanations.labels("busy").inc()
+            raise ApiError(503, "explain_busy", f"{limit} explanations are already being computed; retry "
+                           "later, or ask without explain", headers={"Retry-After": "1"})
+        self.explaining += 1
+        try:
+            yield
+        finally:
+            self.explaining -= 1
+
+    async def explain(self, data: bytes, question: EncodedQuestion, request_id: str) -> Explained:
+        """Grad-CAM of the top answer for the image in ``data`` (``models/gradcam.py``).
+
+        Always decodes the image, cached features or not (the heatmap needs the pixels), and
+        runs on the forward thread, between batches: the predictor's model is never used by
+        two threads at once. Call inside :meth:`explain_slot`."""
+        assert self.predictor is not None
+        start = time.perf_counter()
+        pixels = await self._decode(data)
+        loop = asyncio.get_running_loop()
+        try:
+            cam = await asyncio.wait_for(
+                loop.run_in_executor(self._forward_pool, self.predictor.explain, pixels, question),
+                self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            self.metrics.explanations.labels("failed").inc()
+            raise ApiError(504, "timeout", f"no explanation within {self.settings.request_timeout_s:g}s") from None
+        except Exception as e:
+            self.metrics.explanations.labels("failed").inc()
+            log.error("explanation failed for request_id=%s: %s", request_id, type(e).__name__, exc_info=e)
+            raise ApiError(500, "inference_failed",
+                           "the explanation failed on this request; quote the request_id") from None
+        seconds = time.perf_counter() - start
+        self.metrics.explanations.labels("ok").inc()
+        self.metrics.explain_duration.observe(seconds)
+        return Explained(cam, self.predictor.answers[cam.answer_index], seconds)
+
     async def _decode(self, data: bytes):
         s = self.settings
         cfg = self.predictor.model.cfg.image  # type: ignore[union-attr]
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(
-                self._decode_pool,
+            return await self._decode_pool.run(
                 lambda: decode_pixels(data, transform=cfg.transform, max_pixels=s.max_image_pixels,
-                                      max_bytes=s.max_upload_bytes),
-            )
+                                      max_bytes=s.max_upload_bytes))
         except ImageError as e:
             self.metrics.rejected.labels(e.code).inc()
             raise ApiError(e.status, e.code, str(e)) from None

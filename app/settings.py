@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_questions: int = Field(16, ge=1, le=256, description="questions per multi-question request, at most")
     max_top_k: int = Field(20, ge=1, description="largest accepted top_k (also capped by the answer count)")
 
+    # explanations (explain=true): a backward pass each, so their own bound
+    explain_concurrency: int = Field(2, ge=1, le=64, description="explain=true requests being answered at once, "
+                                     "at most; beyond it they get 503 + Retry-After (plain requests are not affected)")
+
     # image-feature cache
     feature_cache: int = Field(4096, ge=0, description="cached image features, entries (0 disables the cache)")
     feature_cache_mb: float = Field(64.0, ge=0, description="cached image features, megabytes at most")

@@ -182,3 +182,16 @@ def _litserve(results: dict) -> str:
 def _scaling(results: dict) -> str:
     from .scaling import render as render_scaling
     return render_scaling(results)
+
+
+@section("vqa-bench:drain", "bench/results/drain.json", missing=_not_measured)
+def _drain(results: dict) -> str:
+    from .drain import render as render_drain
+    return render_drain(results)
+
+
+# --- #12's explanations (bench/explain.py): heatmap quality, latency, plain throughput ------
+@section("vqa-bench:explain", "bench/results/explain.json")
+def _explain(result: dict) -> str:
+    from .explain import markdown
+    return markdown(result)

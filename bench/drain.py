@@ -107,9 +107,42 @@ def one_run(args: argparse.Namespace, stream: ImageStream, index: int) -> dict:
     return result
 
 
+def render(results: dict) -> str:
+    """The results as the ``drain`` section of docs/performance.md."""
+    runs = results["runs"]
+    totals: Counter = Counter()
+    for r in runs:
+        totals.update(r["outcomes"])
+    took = [r.get("took_s") for r in runs if r.get("took_s") is not None]
+    lines = [f"- Command: `{results['command']}` (tree: {results['tree']})",
+             f"- Date: {results['created']}; load average at the end {results['load_average_end']}",
+             f"- **{results['passed']} of {len(runs)} runs passed**: {results['total_lost']} requests without "
+             f"a response in all, server exit codes {results['exit_codes']}",
+             "- Outcomes over all runs: " + ", ".join(f"{k}: {v}" for k, v in sorted(totals.items()))
+             + " (`refused`: no connection could be opened, nothing was sent)"]
+    if took:
+        lines.append(f"- Load start to server exit: {min(took):.1f}-{max(took):.1f} s per run")
+    failed = [r for r in runs if not r["passed"]]
+    for i, r in enumerate(runs):
+        if not r["passed"]:
+            lines.append(f"  - run {i} failed: {r['outcomes']}, exit {r['exit_code']}, lost {r['lost'][:5]}")
+    if not failed:
+        lines.append("- Every 503 carried `Retry-After` and `Connection: close`")
+    return "\n".join(lines) + "\n"
+
+
+def update_doc(doc: Path, results: dict) -> None:
+    from .docgen import write_section  # the same text `python -m bench.docgen` renders
+    write_section(doc, "vqa-bench:drain", render(results))
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] == ["--render"]:  # re-render the doc section from a results file
+        results = json.loads(Path(argv[1]).read_text())
+        update_doc(Path(argv[2]), results) if len(argv) > 2 else print(render(results), end="")
+        return 0
     p = argparse.ArgumentParser(prog="vqa-bench drain", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--requests", type=int, default=400)

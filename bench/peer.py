@@ -74,14 +74,15 @@ def _answers(bodies: list[bytes]) -> list:
 def measure(args: argparse.Namespace) -> dict:
     stream = ImageStream(ImageFormat(64, "PNG"), seed=31)
     out: dict = {}
-    for env_name, env in ENVIRONMENTS.items():
+    for env_name in args.environments:
+        env = ENVIRONMENTS[env_name]
         procs = {}
         try:
             for name in SERVERS:
                 log(f"{env_name}: starting {name}")
                 procs[name] = _start(name, env)
             for srv in procs.values():
-                run_cell(srv.url, miss_workload(stream, 64)[1], 32)  # warm-up, untimed
+                run_cell(srv.url, miss_workload(stream, args.warmup)[1], 32)  # warm-up, untimed
             cells: dict[str, list] = {n: [] for n in procs}
             mismatched = compared = 0
             for r in range(args.rounds):
@@ -148,7 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "litserve-cpu.json")
     p.add_argument("--doc", type=Path, default=None)
+    p.add_argument("--environments", default=",".join(ENVIRONMENTS),
+                   help=f"comma-separated, of {', '.join(ENVIRONMENTS)} (default: all)")
+    p.add_argument("--warmup", type=int, default=64, help="untimed requests per server first (default 64)")
     args = p.parse_args(argv)
+    args.environments = [e for e in args.environments.split(",") if e]
+    if not args.environments or set(args.environments) - set(ENVIRONMENTS):
+        p.error(f"--environments: choose from {', '.join(ENVIRONMENTS)}")
     import litserve
 
     results = {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -28,6 +28,12 @@ COLORS = {
     "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (130, 80, 30), "yellow": (240, 220, 20),
 }
 SHAPES = ("circle", "rectangle", "triangle")
+# The colours easy-VQA's own images use (CSS named colours, read off its test images): scenes
+# meant to look like the shipped model's training data draw with these.
+EASY_VQA_COLORS = {
+    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0),
+    "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (165, 42, 42), "yellow": (255, 255, 0),
+}
 # easy-VQA question templates (every word is in the shipped model's vocabulary).
 QUESTION_TEMPLATES = (
     "what shape is in the image?",
@@ -73,21 +79,51 @@ class PreparedRequest:
 
 def draw_shape(rng: random.Random, size: int) -> tuple[Image.Image, str, str]:
     """One easy-VQA-like image: (image, shape name, colour name)."""
-    shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
-    background = tuple(rng.randrange(160, 256) for _ in range(3))
-    img = Image.new("RGB", (size, size), background)
+    scene = draw_scene(rng, size)
+    return scene.image, scene.shape, scene.color
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A generated image and what is in it: the shape's bounding box in pixels (x0, y0, x1, y1)."""
+
+    image: Image.Image
+    shape: str
+    color: str
+    box: tuple[float, float, float, float]
+
+
+def draw_scene(rng: random.Random, size: int, side: tuple[float, float] = (0.3, 0.6),
+               palette: dict[str, tuple[int, int, int]] = COLORS, background: tuple[int, int] = (160, 256),
+               supersample: int = 1, shape: str | None = None, color: str | None = None) -> Scene:
+    """One easy-VQA-like image with its shape's position: a shape whose bounding square's side is
+    a uniform ``side`` fraction of the image (``(0.2, 0.5)``: the box covers at most a quarter of
+    the image), at a uniform position, filled from ``palette``, on a background whose channels are
+    uniform in ``background``. ``supersample`` > 1 draws that many times larger and shrinks
+    (anti-aliased edges, as easy-VQA's images have). ``shape``/``color`` fix those instead of
+    drawing them at random."""
+    shape = shape or rng.choice(SHAPES)
+    color = color or rng.choice(sorted(palette))
+    bg = tuple(rng.randrange(*background) for _ in range(3))
+    k = supersample
+    img = Image.new("RGB", (size * k, size * k), bg)
     draw = ImageDraw.Draw(img)
-    side = rng.uniform(0.3, 0.6) * size
-    x0, y0 = rng.uniform(0, size - side), rng.uniform(0, size - side)
-    box = (x0, y0, x0 + side, y0 + side)
-    fill = COLORS[color]
+    side_px = rng.uniform(*side) * size
+    x0, y0 = rng.uniform(0, size - side_px), rng.uniform(0, size - side_px)
+    box = (x0, y0, x0 + side_px, y0 + side_px)
+    fill = palette[color]
+    if shape == "rectangle":
+        box = (x0, y0, x0 + side_px, y0 + side_px * rng.uniform(0.5, 1.0))
+    big = [v * k for v in box]
     if shape == "circle":
-        draw.ellipse(box, fill=fill)
+        draw.ellipse(big, fill=fill)
     elif shape == "rectangle":
-        draw.rectangle((x0, y0, x0 + side, y0 + side * rng.uniform(0.5, 1.0)), fill=fill)
+        draw.rectangle(big, fill=fill)
     else:
-        draw.polygon([(x0 + side / 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=fill)
-    return img, shape, color
+        draw.polygon([((big[0] + big[2]) / 2, big[1]), (big[0], big[3]), (big[2], big[3])], fill=fill)
+    if k > 1:
+        img = img.resize((size, size), Image.Resampling.BOX)
+    return Scene(img, shape, color, box)
 
 
 class ImageStream:

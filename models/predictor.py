@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .checkpoint import Checkpoint, load_checkpoint
+from .gradcam import DEFAULT_METHOD, GradCam, cam_layer, grad_cam
 from .question import pad_questions
 from .vocab import EncodedQuestion
 from .vqa import VQAModel
@@ -354,6 +355,15 @@ class Predictor:
         """Convenience: one question per image, [B, 3, H, W] + B texts -> top-k per pair."""
         reqs = [ImageQuestions(questions=[self.encode_question(t)], pixels=p) for p, t in zip(pixels, texts)]
         return [self.top_k(a.probs[0], top_k) for a in self.run(reqs)]
+
+    def explain(self, pixels: torch.Tensor, question: EncodedQuestion, method: str = DEFAULT_METHOD) -> GradCam:
+        """Grad-CAM of the top answer for one image ([3, H, W], as in :meth:`run`) and one
+        question (``models/gradcam.py``). Float32 with gradients, so its own pass: call it on
+        the thread that owns the device, between batches, never inside :meth:`run`."""
+        x = self._images_to_device(pixels[None])
+        ids, lengths = pad_questions([question])  # lengths stay on CPU for packing
+        ids = self._to_device(ids)
+        return grad_cam(self.model, x, ids, lengths, cam_layer(self.model), method=method)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run the shapes the service will see so first requests pay no lazy-init cost

@@ -1,8 +1,10 @@
 """``vqa-eval``: accuracy of a checkpoint on the easy-VQA test split (9,673 questions).
 
 Runs the same predictor and image transform the service uses, each image encoded once.
-Prints overall accuracy, accuracy by question kind (yes/no, color, shape) and the most
-frequent confusions; ``--json`` prints the same as JSON.
+Prints overall accuracy, accuracy by question kind (yes/no, color, shape), calibration and the
+most frequent confusions, then the same for the **natural-phrasing set**: every test question
+asked once more in a held-out wording (``training/phrasings.py``: ``EVAL``, never trained on);
+``--json`` prints both as JSON.
 
 ``--dataset vqa2 --data-root DIR --split S`` answers a VQA v2 split instead and scores it with
 the official metric (:mod:`training.eval_vqa2`); ``--score-results FILE`` scores a results file
@@ -12,6 +14,7 @@ without a checkpoint.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections import Counter
@@ -22,6 +25,7 @@ import torch
 from models import ImageQuestions, Predictor
 
 from .data import VQASplit, load_easy_vqa, question_kind
+from .phrasings import natural_split
 from .train import DEFAULT_OUT
 
 
@@ -65,6 +69,22 @@ def evaluate(predictor: Predictor, split: VQASplit, batch_images: int = 64) -> d
     }
 
 
+def _examples(predictor: Predictor, split: VQASplit, n: int = 6) -> list[dict]:
+    """The first ``n`` questions of ``split`` with the model's answers, for the report."""
+    reqs = [ImageQuestions(questions=[predictor.encode_question(split.questions[q])],
+                           pixels=split.images[int(split.image_index[q])]) for q in range(n)]
+    return [{"question": split.questions[q], "expected": split.answers[q],
+             "predicted": predictor.answers[int(a.probs[0].argmax())]} for q, a in enumerate(predictor.run(reqs))]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
     """Standard ECE: |accuracy - mean confidence| per equal-width confidence bin, weighted by the
     bin's share of questions. 0 means the confidences are as likely to be right as they claim."""
@@ -78,9 +98,17 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
 
 
 def format_report(report: dict, weights: Path) -> str:
+    lines = [f"checkpoint  {weights}"] + _format_part(report, "test split")
+    if "natural_phrasings" in report:
+        lines += ["", *_format_part(report["natural_phrasings"], "natural phrasings (held-out wordings of the test split)")]
+        lines += ["examples:", *[f"  {e['question']!r} -> {e['predicted']} (expected {e['expected']})"
+                                 for e in report["natural_phrasings"]["examples"]]]
+    return "\n".join(lines)
+
+
+def _format_part(report: dict, title: str) -> list[str]:
     lines = [
-        f"checkpoint  {weights}",
-        f"test split  {report['questions']} questions about {report['images']} images",
+        f"{title}: {report['questions']} questions about {report['images']} images",
         f"accuracy    {100 * report['accuracy']:.2f}%  ({report['correct']}/{report['questions']})",
     ]
     for kind, r in report["by_kind"].items():
@@ -93,7 +121,7 @@ def format_report(report: dict, weights: Path) -> str:
     else:
         lines.append("no confusions")
     lines.append(f"evaluated in {report['seconds']}s on {report['device']}")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", help="auto, fp32, fp16 or bf16")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-natural", action="store_true", help="skip the natural-phrasing set")
     vqa2 = p.add_argument_group("VQA v2 (--dataset vqa2)")
     vqa2.add_argument("--data-root", type=Path, help="folder with Questions/, Annotations/, Images/ (official layout)")
     vqa2.add_argument("--split", default="val2014", help="split to answer or score")
@@ -128,7 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     predictor = Predictor.from_file(args.weights, device=args.device, precision=args.precision)
     split = load_easy_vqa("test", image_size=predictor.image_size)
     with torch.inference_mode():
-        report = evaluate(predictor, split)
+        report = {"checkpoint_sha256": _sha256(args.weights), **evaluate(predictor, split)}
+        if not args.no_natural:
+            natural = natural_split(split)
+            report["natural_phrasings"] = evaluate(predictor, natural)
+            report["natural_phrasings"]["examples"] = _examples(predictor, natural)
     print(json.dumps(report, indent=2) if args.json else format_report(report, args.weights))
 
 

@@ -46,6 +46,7 @@ from models.transforms import normalize
 from models.question import pad_questions
 
 from .data import COLORS, SHAPES, VQASplit, image_attribute_labels, load_easy_vqa
+from .phrasings import Rephraser, with_rephrasings
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "weights" / "easy-vqa.safetensors"
 
@@ -147,6 +148,10 @@ def train(args: argparse.Namespace) -> dict:
     n_val = int(round(len(perm) * args.val_fraction))
     train_split = full.subset_images(sorted(perm[n_val:]))
     val_split = full.subset_images(sorted(perm[:n_val]))
+    # Natural phrasings (training/phrasings.py): validation also asks each question reworded.
+    rephrase = Rephraser(prob=args.rephrase_prob, seed=args.seed + 2) if args.rephrase_prob > 0 else None
+    if rephrase is not None:
+        val_split = with_rephrasings(val_split, seed=args.seed + 3)
 
     cfg = compact_config(len(vocab), len(answers), args)
     model = VQAModel(cfg).to(device)
@@ -198,7 +203,11 @@ def train(args: argparse.Namespace) -> dict:
 
             feats = model.encode_images(pixels)
             lengths = q_len[qs]
-            ids = q_ids[qs][:, : int(lengths.max())].to(device)
+            ids = q_ids[qs][:, : int(lengths.max())]
+            if rephrase is not None:
+                ids, lengths = encode_questions(vocab, rephrase([train_split.questions[q] for q in qs]),
+                                                cfg.question.max_tokens)
+            ids = ids.to(device)
             logits = model.answer_logits(feats[q_rows.to(device)], ids, lengths)
             target = q_tgt[qs].to(device)
             loss = F.cross_entropy(logits, target)
@@ -279,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-hidden", type=int, default=256)
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--image-scale-init", type=float, default=8.0)
+    p.add_argument("--rephrase-prob", type=float, default=0.5,
+                   help="share of training questions reworded (training/phrasings.py); 0 = templates only")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -55,6 +55,28 @@ def _requests(samples) -> list[tuple[str, dict]]:
         ("preamble", {"url": "/v1/answer", "content": b"junk\r\n" + body(IMAGE, part("question", b"what shape")),
                       "headers": {"content-type": MULTIPART}}),
         ("no content type", {"url": "/v1/answer", "content": b"raw"}),
+        ("empty part name", {"url": "/v1/answer", "content": body(b'Content-Disposition: form-data; name=""\r\n\r\nx',
+                                                                 IMAGE, part("question", b"what shape")),
+                             "headers": {"content-type": MULTIPART}}),
+        ("file part without a name", {"url": "/v1/answer", "content": body(
+            b'Content-Disposition: form-data; filename="a.png"\r\n\r\nx', IMAGE, part("question", b"what shape")),
+            "headers": {"content-type": MULTIPART}}),
+        ("empty filename", {"url": "/v1/answer", "content": body(part("image", GOOD, ""), part("question", b"what shape")),
+                            "headers": {"content-type": MULTIPART}}),
+        ("question twice", {"url": "/v1/answer", "content": body(IMAGE, part("question", b"what color"),
+                                                                part("question", b"what shape")),
+                            "headers": {"content-type": MULTIPART}}),
+        ("tab, newline, CR in question", {"url": "/v1/answer", "files": files,
+                                               "data": {"question": "what\tshape\n\r"}}),
+        ("DEL in question", {"url": "/v1/answer", "files": files, "data": {"question": "what\x7fshape"}}),
+        ("C1 in question", {"url": "/v1/answer", "files": files, "data": {"question": "what\u009fshape"}}),
+        ("U+00A0 in question", {"url": "/v1/answer", "files": files, "data": {"question": "what\u00a0shape"}}),
+        ("request id twice", {"url": "/v1/answer", "files": files, "data": {"question": "what shape"},
+                              "headers": [("x-request-id", "first-id"), ("x-request-id", "second-id")]}),
+        ("content-length twice", {"url": "/v1/answer", "content": body(IMAGE, part("question", b"what shape")),
+                                  "headers": [("content-type", MULTIPART), ("content-length", "99999999")]}),
+        ("content type twice", {"url": "/v1/answer", "content": body(IMAGE, part("question", b"what shape")),
+                                "headers": [("content-type", "text/plain"), ("content-type", MULTIPART)]}),
     ]
     for i, (image, question, _) in enumerate(samples[:12]):
         files = {"image": ("s.png", image, "image/png")}
@@ -63,13 +85,24 @@ def _requests(samples) -> list[tuple[str, dict]]:
         reqs.append((f"sample {i} again (cached)", {"url": "/v1/answer", "files": files, "data": {"question": question}}))
         reqs.append((f"multi sample {i}", {"url": "/v1/answers", "files": files,
                                            "data": {"questions": [question, "what color is it?"], "top_k": "2"}}))
+        if i % 4 == 0:  # explain=true (#12): the same heatmap either way; false and invalid values too
+            reqs.append((f"sample {i} explained", {"url": "/v1/answer", "files": files,
+                                                   "data": {"question": question, "explain": "true"}}))
+            reqs.append((f"sample {i} explain off", {"url": "/v1/answer", "files": files,
+                                                     "data": {"question": question, "explain": "false"}}))
+            reqs.append((f"sample {i} explain invalid", {"url": "/v1/answer", "files": files,
+                                                         "data": {"question": question, "explain": "maybe"}}))
     return reqs
 
 
 def _outcome(r: httpx.Response) -> tuple:
     data = r.json()
+    if r.request.headers.get_list("x-request-id") == ["first-id", "second-id"]:
+        assert r.headers["x-request-id"] == "first-id"  # the first, as Starlette's Headers.get reads it
     if r.status_code == 200:
         data.pop("timing")
+        if "explanation" in data:
+            assert data["explanation"].pop("explain_ms") > 0
         return r.status_code, data, r.headers["content-type"]
     err = data["error"]
     assert err.pop("request_id") == r.headers["x-request-id"]
@@ -96,6 +129,7 @@ def test_fast_path_answers_exactly_like_the_fastapi_routes(easy_vqa_samples):
             mismatches.append(f"{name}: fast {_outcome(a)} vs FastAPI {_outcome(b)}")
     assert not mismatches, "\n".join(mismatches)
     assert sum(a.status_code == 200 for _, a in fast) > 30
+    assert sum("explanation" in a.json() for _, a in fast if a.status_code == 200) == 3
     # Both count the requests under the same route labels.
     for line in slow_metrics.splitlines():
         if line.startswith("vqa_requests_total{"):
@@ -104,7 +138,8 @@ def test_fast_path_answers_exactly_like_the_fastapi_routes(easy_vqa_samples):
 
 def test_openapi_schema_is_unchanged():
     """/openapi.json as main's FastAPI routes generate it (taken before the fast path, b0ec374;
-    regenerated from main after #14 added ModelInfo.precision). Regenerate only on purpose."""
+    regenerated from main after #14 added ModelInfo.precision, and with #12's explain field and
+    Explanation schema, additions only). Regenerate only on purpose."""
     app = create_app(make_settings())
     assert app.openapi() == json.loads(SNAPSHOT.read_text())
 
@@ -126,3 +161,16 @@ def test_top_k_matches_torch_topk(n):
         assert [s.confidence for s in got] == ref.values.tolist()
         if k <= 12:  # deep in a long list, float32 ties may be ordered either way
             assert [s.answer for s in got] == [answers[i] for i in ref.indices.tolist()]
+
+
+def test_control_character_check_is_unicodes_cc_and_cs():
+    """app.service's one-regex check refuses exactly the code points of categories Cc and Cs
+    except tab, newline and carriage return (what a per-character unicodedata lookup did)."""
+    import sys
+    import unicodedata
+
+    from app.service import _CONTROL
+
+    bad = [cp for cp in range(sys.maxunicode + 1)
+           if unicodedata.category(chr(cp)) in ("Cc", "Cs") and chr(cp) not in "\t\n\r"]
+    assert [cp for cp in range(sys.maxunicode + 1) if _CONTROL.match(chr(cp))] == bad

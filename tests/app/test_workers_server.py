@@ -125,6 +125,19 @@ def test_answers_are_right_and_batches_form_across_front_ends(w2, easy_vqa_sampl
     assert images == n and batches < n
 
 
+def test_explain_is_refused_clearly_by_front_ends_and_plain_answers_still_work(w2, easy_vqa_samples):
+    """explain=true is not carried to the model process yet (#12): a clear 501, never a 500."""
+    img, q, expected = easy_vqa_samples[0]
+    with httpx.Client(base_url=w2.url, timeout=30) as c:
+        r = c.post("/v1/answer", **form(img, q, explain="true"))
+        plain = c.post("/v1/answer", **form(img, q))
+        text = c.get("/metrics").text
+    assert r.status_code == 501 and r.json()["error"]["code"] == "explain_unavailable", r.text
+    assert "VQA_WORKERS" in r.json()["error"]["message"]
+    assert plain.status_code == 200 and plain.json()["answer"] == expected and "explanation" not in plain.json()
+    assert metric(text, "vqa_explanations_total", outcome="unavailable") >= 1
+
+
 def test_metrics_are_one_valid_exposition(w2):
     text = httpx.get(w2.url + "/metrics").text
     names = [f.name for f in text_string_to_metric_families(text)]

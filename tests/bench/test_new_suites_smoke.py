@@ -1,5 +1,6 @@
-"""Smoke runs of ``vqa-bench http`` and ``vqa-bench drain``: real servers, tiny loads, structure
-and correctness only (every request answered; nothing lost at SIGTERM; exit 0), no timings."""
+"""Smoke runs of ``vqa-bench http``, ``vqa-bench drain`` and ``vqa-bench litserve``: real servers,
+tiny loads, structure and correctness only (every request answered; nothing lost at SIGTERM;
+exit 0; the same answers from both servers), no timings."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 
-from bench import drain, httpcost
+from bench import drain, httpcost, peer
 
 
 @pytest.mark.slow
@@ -34,3 +35,20 @@ def test_drain_under_keep_alive_load_loses_nothing_and_exits_0(tmp_path):
     assert run["lost"] == [] and run["bad_503"] == 0 and run["exit_code"] == 0, run
     assert set(run["outcomes"]) <= {"200", "503", "refused"} and sum(run["outcomes"].values()) == 200
     assert rc == 0
+    assert "1 of 1 runs passed" in drain.render(results)
+
+
+@pytest.mark.slow
+def test_litserve_suite_serves_the_same_answers_as_ours(tmp_path):
+    pytest.importorskip("litserve", reason="the bench extra (pip install -e '.[bench]') is not installed")
+    out = tmp_path / "litserve.json"
+    # One environment, a short warm-up: two server start-ups (the full run does both environments).
+    assert peer.main(["--requests", "16", "--rounds", "1", "--concurrency", "4", "--environments", "passive",
+                      "--warmup", "8", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["environments"]) == {"passive"}
+    for env in results["environments"].values():
+        assert env["answers_compared"] == 16 and env["answers_mismatched"] == 0
+        for cells in env["cells"].values():
+            assert [c["ok"] for c in cells] == [16]
+    assert "ours ÷ LitServe" in peer.render(results)

@@ -622,6 +622,9 @@ def test_image_install_and_start_in_fresh_venv(tmp_path):
         assert status == 200, f"/readyz never 200 (last {status}, rc {proc.poll()}):\n" \
                               f"{log.read_text()[-4000:]}"
         assert _get(f"http://127.0.0.1:{port}/healthz") == 200
+        # the demo page and its sample images are package data: the installed wheel serves them
+        for path in ("/", "/static/samples/index.json", "/static/samples/01-black-circle.png"):
+            assert _get(f"http://127.0.0.1:{port}{path}") == 200, path
         # docker stop / kubelet: SIGTERM to the container's PID 1.
         os.kill(_child_pid(proc.pid) if as_pid1 else proc.pid, signal.SIGTERM)
         rc = proc.wait(timeout=45)

@@ -8,7 +8,7 @@ import torch
 from pathlib import Path
 
 from models import load_checkpoint
-from training import evaluate, train
+from training import evaluate, model_card, train
 from training.data import image_attribute_labels, load_easy_vqa, question_kind
 
 
@@ -20,6 +20,32 @@ def test_shipped_weights_accuracy_on_the_whole_test_split(shipped_weights, capsy
     assert set(report["by_kind"]) == {"yes/no", "color", "shape"}
     assert sum(k["questions"] for k in report["by_kind"].values()) == 9673
     assert report["expected_calibration_error"] < 0.01  # confidences mean what they say
+    # The same test images asked in held-out natural phrasings (training/phrasings.py: EVAL).
+    natural = report["natural_phrasings"]
+    assert natural["questions"] == 9673 and natural["accuracy"] >= 0.97, natural
+    assert natural["expected_calibration_error"] < 0.02
+    # weights/README.md is generated from the committed weights/eval/easy-vqa.json: it must be
+    # this file's measurement, and what this run measures
+    committed = json.loads(model_card.RESULTS["shipped"].read_text())
+    assert committed["checkpoint_sha256"] == report["checkpoint_sha256"]
+    for part in ((committed, report), (committed["natural_phrasings"], natural)):
+        assert part[0]["correct"] == part[1]["correct"] and part[0]["questions"] == part[1]["questions"]
+        assert part[0]["expected_calibration_error"] == pytest.approx(part[1]["expected_calibration_error"], abs=1e-4)
+
+
+def test_model_card_is_generated_from_the_committed_results():
+    card = model_card.CARD.read_text()
+    results = model_card.load_results()
+    assert model_card.render(card, results, load_checkpoint(model_card.SHIPPED).info) == card, \
+        "weights/README.md is out of date: python -m training.model_card"
+    assert f"sha256 `{results['shipped']['checkpoint_sha256']}`" in card
+    assert "| **this checkpoint** |" in card and "82.34% (7,965/9,673)" in card  # the previous checkpoint's row
+    # the project README quotes the same figures
+    readme = " ".join((model_card.WEIGHTS_DIR.parent / "README.md").read_text().replace("*", "").split())
+    shipped = results["shipped"]
+    assert f"{100 * shipped['accuracy']:.2f}% on the easy-VQA test split" in readme
+    assert f"{100 * shipped['natural_phrasings']['accuracy']:.2f}% on the same questions asked the way people talk" in readme
+    assert f"expected calibration error {100 * shipped['expected_calibration_error']:.2f} points" in readme
 
 
 def test_expected_calibration_error():
@@ -34,6 +60,10 @@ def test_shipped_checkpoint_records_how_it_was_made(shipped_weights):
     info = load_checkpoint(shipped_weights).info
     assert info["seed"] == 0 and info["selected_epoch"] >= 1
     assert info["val_images"] == 400 and info["train_images"] == 3600  # validation held out of train
+    assert info["hyperparameters"]["rephrase_prob"] == 0.5  # trained with natural phrasings
+    defaults = vars(train.build_parser().parse_args([]))
+    defaults["name"] = defaults["name"] or "easy-vqa-vgg16q-lstm"  # as vqa-train's main() resolves it
+    assert {k: defaults[k] for k in info["hyperparameters"]} == info["hyperparameters"]  # vqa-train's defaults
     assert "test" not in info["dataset"]
     assert shipped_weights.stat().st_size <= 25 * 1024 * 1024
 
@@ -53,6 +83,7 @@ def test_eval_text_report(tmp_path: Path, capsys, shipped_weights):
     evaluate.main([str(shipped_weights), "--device", "cpu"])
     text = capsys.readouterr().out
     assert "accuracy" in text and "yes/no" in text and "9673 questions" in text
+    assert "natural phrasings" in text and "examples:" in text
 
 
 def test_attribute_labels_agree_with_answers():
