@@ -234,7 +234,7 @@ class RemoteBatcher:
             return m, probs, bool(m["cached"])
         error = m.get("error")
         if error == "queue_full":
-            raise QueueFull(float(m.get("retry_after_s", 1.0)))
+            raise QueueFull(float(m.get("retry_after_s", 1.0)), reason=str(m.get("reason", "queue_full")))
         if error == "closed":
             raise BatcherClosed("model process is not accepting")
         if error == "deadline":

@@ -236,7 +236,7 @@ class _Connection(asyncio.Protocol):
         except asyncio.CancelledError:
             return  # withdrawn: the front end no longer waits for it
         except QueueFull as e:
-            self._error(job_id, "queue_full", retry_after_s=e.retry_after_s)
+            self._error(job_id, "queue_full", retry_after_s=e.retry_after_s, reason=e.reason)
         except BatcherClosed:
             self._error(job_id, "closed")
         except DeadlineExceeded:

@@ -204,6 +204,24 @@ def test_queue_full_is_refused_before_the_front_end_decodes():
     assert run(scenario()) == 2
 
 
+def test_a_deadline_refusal_keeps_its_reason_across_the_process_boundary():
+    """The model process refuses a job its batcher cannot answer in time (QueueFull, reason
+    "deadline"); the front end must raise the same, so /metrics and the 503's message say
+    "deadline", not "queue full"."""
+    async def scenario():
+        svc, server, (a,) = await _model_and_front_ends(1)
+        q = [svc.predictor.encode_question("what shape is it?")]
+        svc.batcher.expected_wait_s = lambda ahead=0: 1e9  # the model is far too slow for 30 s
+        try:
+            with pytest.raises(QueueFull) as refused:
+                await a.ask(b"4" * 20, q, 30, _decoder(png_bytes(), []))
+            return refused.value.reason
+        finally:
+            await server.stop()
+
+    assert run(scenario()) == "deadline"
+
+
 def test_accept_backlog_counts_connections_the_server_has_not_taken():
     """What the drain waits on before closing a listener (closing it would reset them)."""
     import socket
