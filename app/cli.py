@@ -13,6 +13,32 @@ import uvicorn
 
 from .settings import get_settings
 
+log = logging.getLogger("vqa.serve")
+
+
+def take_backlog(sockets: list[socket.socket]) -> list[socket.socket]:
+    """Every connection waiting in the accept queues of ``sockets`` (non-blocking)."""
+    out = []
+    for sock in sockets:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # closed, or not listening
+                break
+            conn.setblocking(False)
+            out.append(conn)
+    return out
+
+
+IDLE_SETTLE_S = 0.5  # after the listener closes: how long idle connections get to send a request
+
+
+def _idle(connection) -> bool:
+    cycle = getattr(connection, "cycle", None)  # uvicorn's httptools and h11 protocols
+    return cycle is None or cycle.response_complete
+
 
 def accept_backlog(sock) -> int:
     """Connections the kernel has accepted on listening socket ``sock`` that the server has not
@@ -44,28 +70,58 @@ class DrainingServer(uvicorn.Server):
         self.drain_grace_s = drain_grace_s
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        """uvicorn's shutdown closes the listening socket, dropping connections the kernel has
-        accepted but the server has not (their requests are already sent), then every
-        connection with no request in progress, unparsed requests on the wire included (the
-        client gets no response: ``vqa-bench drain`` counted 64 of 400 on the previous code).
-        So for ``drain_grace_s`` first keep accepting and answering -- the service is draining:
-        new requests get 503 + ``Retry-After``, admitted ones their answer, every response
-        ``Connection: close``, so each connection closes after its next response -- and only
-        then let uvicorn close the listener and what is idle, and wait for what is in flight."""
+        """uvicorn's own shutdown closes the listening socket, which resets the connections the
+        kernel has accepted but the server has not (their requests are already sent), then
+        closes every connection with no request in progress, including those whose request
+        is in the socket buffer but not yet read (the client gets no response: ``vqa-bench
+        drain`` counted 64 of 400 on b0ec374). So, in order:
+
+        1. for ``drain_grace_s`` keep accepting and answering: the service is draining, new
+           requests get 503 + ``Retry-After``, admitted ones their answer, and every response
+           says ``Connection: close``, so each connection closes after its next response;
+        2. take every connection still in the kernel's accept queue and close the listener
+           in the same step (nothing can queue in between), so those are served too;
+        3. for up to ``IDLE_SETTLE_S``, while any open connection has no request in progress,
+           let the loop read what arrives (a request read is "in progress" and is answered;
+           during the drain every connection closes after one response, so an open idle one
+           is a fresh connection whose request is in its buffer or on its way), and only then
+           let uvicorn close what is idle and wait for what is in flight. A request a client
+           sends on an idle connection after that still races the close (as with any HTTP/1.1
+           server closing a keep-alive connection); the ``Connection: close`` answers keep
+           clients from holding such connections."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.drain_grace_s
         while loop.time() < deadline and not self.force_exit:
             await asyncio.sleep(0.02)
-        # Closing a listening socket resets the connections in its accept queue: requests sent
-        # on them get no response. So first let the accept loop take what is queued (bounded:
-        # clients may keep connecting), then close at once. With VQA_WORKERS > 1 every front
-        # end has a listener of its own, so there are N such moments, and this mattered:
-        # `vqa-bench drain` with 2 front ends lost 1-33 requests per run without it.
-        listeners = [s for server in getattr(self, "servers", []) for s in server.sockets]
-        until = loop.time() + 1.0
-        while any(accept_backlog(s) for s in listeners) and loop.time() < until and not self.force_exit:
-            await asyncio.sleep(0.002)
+        if sockets and not self.force_exit:
+            # Closing a listening socket resets the connections in its accept queue: requests
+            # sent on them get no response. So take what is queued and close the listener in
+            # one step (no await in between, so nothing can queue in the gap); with VQA_WORKERS
+            # > 1 every front end does this for its own SO_REUSEPORT listener.
+            backlog = take_backlog(sockets)
+            for server in self.servers:
+                server.close()
+            if backlog:
+                log.info("drain: serving %d connection(s) left in the accept queue", len(backlog))
+            await asyncio.gather(*(loop.connect_accepted_socket(self._protocol, conn) for conn in backlog),
+                                 return_exceptions=True)
+            # A connection with no request in progress is one whose request is still unread
+            # (in its socket buffer, or on its way from a client that has just connected): give
+            # those a moment to become requests uvicorn waits for, instead of closing them.
+            settle = loop.time() + IDLE_SETTLE_S
+            while loop.time() < settle and any(_idle(c) for c in self.server_state.connections):
+                await asyncio.sleep(0.01)
+        else:  # uvicorn bound the listener itself: let its accept loop take the queue first
+            listeners = [s for server in getattr(self, "servers", []) for s in server.sockets]
+            until = loop.time() + 1.0
+            while any(accept_backlog(s) for s in listeners) and loop.time() < until and not self.force_exit:
+                await asyncio.sleep(0.002)
         await super().shutdown(sockets)
+
+    def _protocol(self) -> asyncio.Protocol:
+        # What uvicorn's startup() builds for each connection it accepts.
+        return self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state)
 
     def handle_exit(self, sig, frame) -> None:  # type: ignore[override]
         app = self.config.loaded_app
@@ -103,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         timeout_keep_alive=5,
     )
     server = DrainingServer(config, drain_grace_s=settings.drain_grace_s)
-    server.run()
+    # The listening socket is ours (not uvicorn's), so the drain can empty its accept queue.
+    server.run(sockets=[config.bind_socket()])
 
 
 if __name__ == "__main__":
