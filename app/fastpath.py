@@ -185,6 +185,14 @@ def _form_values(items: list[tuple[str, str | UploadedFile]], lists: frozenset[s
     return {k: v for k, v in values.items() if not (isinstance(v, str) and v == "") and v != []}
 
 
+def _take_image(items: list[tuple[str, str | UploadedFile]], form: Any) -> bytes:
+    """The validated form's image bytes, with every other reference to them dropped (the parsed
+    items are cleared), so that whoever the bytes are handed to holds the only one."""
+    data = form.image.data
+    items.clear()
+    return data
+
+
 def validation_error(e: ValidationError) -> ApiError:
     """The same 422 as app.errors' RequestValidationError handler."""
     details = [{"field": ".".join(str(p) for p in err.get("loc", ())),
@@ -294,9 +302,9 @@ class InferenceEndpoint:
         s = self.service.settings
         rid = scope["state"]["request_id"]
         try:
-            # The middleware reserved the body's Content-Length in the bytes-in-flight budget and
-            # releases it when this returns (this path holds the raw bytes until answered); a
-            # body without one grows its reservation here, chunk by chunk.
+            # The middleware reserved the body's Content-Length in the bytes-in-flight budget (a
+            # body without one grows its reservation here, chunk by chunk); service.ask releases
+            # it once the image is decoded, when this path lets go of the raw bytes (below).
             sized = any(k == b"content-length" for k, _ in scope["headers"])
             grows = None if sized else scope["state"].get("body_reservation")
             try:
@@ -318,6 +326,7 @@ class InferenceEndpoint:
                 items = parse_form(body, content_type)
             except FormError as e:
                 raise ApiError(400, "bad_request", str(e)) from None
+            del body  # the parts are copies; the image's bytes now live only in ``items``
             multi = scope["path"] == "/v1/answers"
             payload = await (self._answers(scope, receive, items) if multi
                              else self._answer(scope, receive, items))
@@ -345,13 +354,20 @@ class InferenceEndpoint:
         enc = svc.parse_question(form.question)
         explained = None
         # explain=true (#12): its own concurrency bound (503 explain_busy), then the Grad-CAM pass
-        with svc.explain_slot() if form.explain else contextlib.nullcontext():
-            asked = await self._ask(scope, receive, form.image.data, [enc])
+        explain, rid = form.explain, scope["state"]["request_id"]
+        with svc.explain_slot() if explain else contextlib.nullcontext():
+            data = _take_image(items, form)
+            del form
+            # A plain request hands the upload to ask(), which frees it (and gives its bytes back
+            # to the budget) once decoded; explain=true decodes it again, so keeps it until then.
+            work = svc.ask(data, [enc], rid, None if explain else scope["state"].get("body_reservation"))
+            if not explain:
+                del data
+            asked = await self._ask(receive, work)
             if asked is None:
                 return None
-            if form.explain:
-                explained = await self._ask(scope, receive, form.image.data, [enc], work=svc.explain(
-                    form.image.data, enc, scope["state"]["request_id"]))
+            if explain:
+                explained = await self._ask(receive, svc.explain(data, enc, rid))
                 if explained is None:
                     return None
         p = svc.predictor
@@ -372,7 +388,11 @@ class InferenceEndpoint:
         encoded = [svc.parse_question(q) for q in form.questions]
         if not encoded:
             raise ApiError(422, "empty_question", "at least one question is required")
-        asked = await self._ask(scope, receive, form.image.data, encoded)
+        data = _take_image(items, form)
+        del form
+        work = svc.ask(data, encoded, scope["state"]["request_id"], scope["state"].get("body_reservation"))
+        del data  # ask() owns the upload now and frees it once decoded
+        asked = await self._ask(receive, work)
         if asked is None:
             return None
         p = svc.predictor
@@ -382,7 +402,7 @@ class InferenceEndpoint:
                             [_question_answer(answers, e, probs[i], k) for i, e in enumerate(encoded)],
                             _timing(asked))
 
-    async def _ask(self, scope: Scope, receive: Receive, data: bytes, questions, work=None) -> Asked | None:
+    async def _ask(self, receive: Receive, work):
         """``service.ask``, withdrawn (None) if the client disconnects first. One watcher task
         cancels this one on a disconnect (the FastAPI route runs the work in a task of its own
         and waits on both)."""
@@ -398,9 +418,9 @@ class InferenceEndpoint:
 
         watcher = asyncio.ensure_future(watch())
         try:
-            asked = await (work if work is not None else self.service.ask(data, questions, scope["state"]["request_id"]))
+            done = await work
             state["working"] = False
-            return asked
+            return done
         except asyncio.CancelledError:
             if not state["gone"]:
                 raise
