@@ -260,10 +260,11 @@ class VQAService:
         if _CONTROL.search(q):
             raise ApiError(422, "invalid_question", "question contains control characters")
         predictor = self._loaded_predictor()
-        if len(predictor.vocab.tokenize(q)) > predictor.max_tokens:
+        words = predictor.vocab.tokenize(q)
+        if len(words) > predictor.max_tokens:
             raise ApiError(422, "question_too_long",
                            f"question has more than {predictor.max_tokens} words")
-        enc = predictor.encode_question(q)
+        enc = predictor.encode_question(q, words)
         if len(enc) == 0:
             raise ApiError(422, "question_has_no_words", "question contains no words")
         return enc

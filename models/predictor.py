@@ -235,8 +235,9 @@ class Predictor:
     def max_tokens(self) -> int:
         return self.model.cfg.question.max_tokens
 
-    def encode_question(self, text: str) -> EncodedQuestion:
-        return self.vocab.encode(text, max_tokens=self.max_tokens)
+    def encode_question(self, text: str, words: Sequence[str] | None = None) -> EncodedQuestion:
+        """``words``: ``self.vocab.tokenize(text)``, when the caller has it already."""
+        return self.vocab.encode(text, max_tokens=self.max_tokens, words=words)
 
     def _autocast(self):
         if self.autocast_dtype is None:

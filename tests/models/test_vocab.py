@@ -51,3 +51,11 @@ def test_duplicates_rejected():
         AnswerVocabulary(["yes", "yes"])
     with pytest.raises(ValueError):
         AnswerVocabulary([])
+
+
+def test_encode_with_the_callers_words_is_encode():
+    """``words`` (the caller's own ``tokenize(text)``) spares a second tokenisation, nothing else."""
+    v = Vocabulary.build(["what color is the gray shape", "is there not a circle"])
+    for text in ("What colour is the grey shape?", "Isn't there a purple blob blob", "", "a b c d e f"):
+        for cut in (None, 3):
+            assert v.encode(text, cut, words=v.tokenize(text)) == v.encode(text, cut)
