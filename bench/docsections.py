@@ -195,3 +195,9 @@ def _drain(results: dict) -> str:
 def _explain(result: dict) -> str:
     from .explain import markdown
     return markdown(result)
+
+
+@section("vqa-bench:drain-workers2", "bench/results/drain-workers2.json", missing=_not_measured)
+def _drain_workers2(results: dict) -> str:
+    from .drain import render as render_drain
+    return render_drain(results)
