@@ -3,6 +3,8 @@ committed results in bench/results/."""
 
 from __future__ import annotations
 
+import importlib
+
 from .checks import cell, compute_checks
 from .docgen import RESULTS, section
 from .report import render
@@ -157,47 +159,27 @@ def _burst(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- #13's HTTP-path benchmarks (bench/httpcost.py, bench/peer.py, bench/scaling.py) --------
-# Each module renders its own section; `vqa-bench http|litserve|scaling --doc` writes it
-# through bench.docgen.write_section, so the doc matches what the check renders.
+# --- the benchmarks that render their own section (bench/httpcost.py, peer.py, scaling.py,
+# drain.py, explain.py). Each `--doc` run writes it through bench.docgen.write_section, so the
+# doc matches what the check renders. The module is imported only when its section is rendered.
 
 
 def _not_measured() -> str:
     return "Not measured yet.\n"
 
 
-@section("vqa-bench:http", "bench/results/http-cpu.json", missing=_not_measured)
-def _http(results: dict) -> str:
-    from .httpcost import render as render_http
-    return render_http(results)
+def _rendered_by(module: str, function: str):
+    def render(results: dict) -> str:
+        return getattr(importlib.import_module(f"bench.{module}"), function)(results)
+    return render
 
 
-@section("vqa-bench:litserve", "bench/results/litserve-cpu.json", missing=_not_measured)
-def _litserve(results: dict) -> str:
-    from .peer import render as render_peer
-    return render_peer(results)
-
-
-@section("vqa-bench:scaling", "bench/results/scaling-cpu.json", missing=_not_measured)
-def _scaling(results: dict) -> str:
-    from .scaling import render as render_scaling
-    return render_scaling(results)
-
-
-@section("vqa-bench:drain", "bench/results/drain.json", missing=_not_measured)
-def _drain(results: dict) -> str:
-    from .drain import render as render_drain
-    return render_drain(results)
-
-
-# --- #12's explanations (bench/explain.py): heatmap quality, latency, plain throughput ------
-@section("vqa-bench:explain", "bench/results/explain.json")
-def _explain(result: dict) -> str:
-    from .explain import markdown
-    return markdown(result)
-
-
-@section("vqa-bench:drain-workers2", "bench/results/drain-workers2.json", missing=_not_measured)
-def _drain_workers2(results: dict) -> str:
-    from .drain import render as render_drain
-    return render_drain(results)
+for _name, _results, _module, _function, _missing in (
+        ("vqa-bench:http", "bench/results/http-cpu.json", "httpcost", "render", _not_measured),
+        ("vqa-bench:litserve", "bench/results/litserve-cpu.json", "peer", "render", _not_measured),
+        ("vqa-bench:scaling", "bench/results/scaling-cpu.json", "scaling", "render", _not_measured),
+        ("vqa-bench:drain", "bench/results/drain.json", "drain", "render", _not_measured),
+        ("vqa-bench:drain-workers2", "bench/results/drain-workers2.json", "drain", "render", _not_measured),
+        # #12's explanations: heatmap quality, latency, plain throughput (always committed)
+        ("vqa-bench:explain", "bench/results/explain.json", "explain", "markdown", None)):
+    section(_name, _results, missing=_missing)(_rendered_by(_module, _function))
