@@ -20,8 +20,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 import numpy as np
 
 from .proc import TreeSnapshot, cpu_breakdown, process_tree
@@ -66,41 +67,122 @@ def process_cpu_seconds(pid: int) -> float | None:
     return total if found else None
 
 
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection that sends prepared request bytes and reads each
+    response with httptools (uvicorn's parser: llhttp, in C). A response has to be complete
+    before the next request goes out on the same connection, as in the closed loop."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future | None = None
+        self.chunks: list[bytes] = []
+        self.closed = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(e)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(exc or ConnectionError("connection closed"))
+
+    # httptools callbacks
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        status, content = self.parser.get_status_code(), b"".join(self.chunks)
+        self.chunks = []
+        if not self.parser.should_keep_alive():  # e.g. a 503 with Connection: close
+            self.closed = True
+            assert self.transport is not None
+            self.transport.close()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result((status, content))
+
+    def _fail(self, e: BaseException) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(e if isinstance(e, Exception) else ConnectionError(str(e)))
+
+    def send(self, data: bytes, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        self.waiter = loop.create_future()
+        assert self.transport is not None
+        self.transport.write(data)
+        return self.waiter
+
+
+def encode_request(r: PreparedRequest, host: str) -> bytes:
+    """The bytes of ``r`` on the wire: request line, Host, Content-Type and Content-Length."""
+    head = [f"{r.method} {r.path} HTTP/1.1", f"Host: {host}"]
+    if r.content_type:
+        head.append(f"Content-Type: {r.content_type}")
+    if r.body or r.method not in ("GET", "HEAD"):
+        head.append(f"Content-Length: {len(r.body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + r.body
+
+
 async def _send_all(base_url: str, requests: Sequence[PreparedRequest], concurrency: int,
                     timeout_s: float, server_pid: int | None, roles: dict[int, str] | None = None) -> _Sent:
     outcomes: list[Outcome | None] = [None] * len(requests)
     queue = iter(range(len(requests)))  # shared: next() never yields to the loop, so no lock
-    # aiohttp, one session with one keep-alive connection per worker. The generator shares the
-    # 2 cores with the server, so its CPU per request is part of what it measures: against the
-    # server's GET /healthz, httpx (one client per worker) cost 0.56 ms of CPU and 0.70 ms of
-    # latency per request at concurrency 1, aiohttp 0.13 ms and 0.29 ms; on cache-miss answers
-    # at concurrency 32, 0.63 ms against 0.12 ms.
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    sessions = [aiohttp.ClientSession(base_url, timeout=timeout, connector=aiohttp.TCPConnector(limit=1))
-                for _ in range(min(concurrency, len(requests)))]
-    headers = [{"content-type": r.content_type} if r.content_type else None for r in requests]
+    # One keep-alive connection per worker, each a bare asyncio protocol that writes request
+    # bytes encoded before the cell and parses responses with httptools. The generator shares
+    # the 2 cores with the server, so its CPU per request is part of what it measures: on
+    # cache-miss answers at concurrency 128 against the simulated device, aiohttp (one session
+    # per worker) cost 0.33-0.36 ms of CPU per request; this client costs a fraction of that
+    # (docs/performance.md, "The load generator"). An answer with Connection: close, or a
+    # connection the server closed, gets a new connection for the worker's next request.
+    url = urlsplit(base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    netloc = url.netloc
+    wire = [encode_request(r, netloc) for r in requests]
+    loop = asyncio.get_running_loop()
 
-    async def worker(session: aiohttp.ClientSession) -> None:
-        for i in queue:
-            r = requests[i]
-            started = time.perf_counter()
-            try:
-                async with session.request(r.method, r.path, data=r.body or None, headers=headers[i]) as resp:
-                    content = await resp.read()
-                outcomes[i] = Outcome(resp.status, time.perf_counter() - started, content)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                outcomes[i] = Outcome(0, time.perf_counter() - started, b"")
+    async def connect() -> _Connection:
+        _, conn = await loop.create_connection(_Connection, host, port)
+        return conn
 
-    try:
-        threads0 = TreeSnapshot.take(server_pid)
-        server0 = process_cpu_seconds(server_pid) if server_pid else None
-        cpu0, started = time.process_time(), time.perf_counter()
-        await asyncio.gather(*(worker(s) for s in sessions))
-        wall, cpu = time.perf_counter() - started, time.process_time() - cpu0
-        server1 = process_cpu_seconds(server_pid) if server_pid else None
-        threads1 = TreeSnapshot.take(server_pid)
-    finally:
-        await asyncio.gather(*(s.close() for s in sessions))
+    async def worker() -> None:
+        conn: _Connection | None = None
+        try:
+            for i in queue:
+                started = time.perf_counter()
+                timer = None
+                try:
+                    if conn is None or conn.closed:
+                        conn = await asyncio.wait_for(connect(), timeout_s)
+                    fut = conn.send(wire[i], loop)
+                    timer = loop.call_later(timeout_s, fut.cancel)
+                    status, content = await fut
+                    outcomes[i] = Outcome(status, time.perf_counter() - started, content)
+                except (OSError, httptools.HttpParserError, asyncio.CancelledError, asyncio.TimeoutError):
+                    if getattr(asyncio.current_task(), "cancelling", lambda: 0)():
+                        raise  # the cell itself is being cancelled, not this request timed out
+                    outcomes[i] = Outcome(0, time.perf_counter() - started, b"")
+                    if conn is not None and conn.transport is not None:
+                        conn.transport.abort()
+                    conn = None
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+        finally:
+            if conn is not None and conn.transport is not None:
+                conn.transport.close()
+
+    threads0 = TreeSnapshot.take(server_pid)
+    server0 = process_cpu_seconds(server_pid) if server_pid else None
+    cpu0, started = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(requests)))))
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu0
+    server1 = process_cpu_seconds(server_pid) if server_pid else None
+    threads1 = TreeSnapshot.take(server_pid)
     server_cpu = server1 - server0 if server0 is not None and server1 is not None else None
     return _Sent(outcomes, wall, cpu, server_cpu,  # type: ignore[arg-type]
                  cpu_breakdown(threads0, threads1, len(requests), roles) if server_pid else None)
