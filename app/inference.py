@@ -4,11 +4,19 @@ Glue between the generic batcher and the torch predictor: merges jobs about the 
 (so it is encoded once per batch), fills the image-feature cache, splits a batch that runs out
 of GPU memory and retries the halves (an image that fails even alone fails only its own jobs),
 and fails only the jobs whose output is not finite.
+
+On CPU a batch can also be split into parts that run at once on threads of their own, each with
+fewer intra-op threads (``VQA_FORWARD_SHARDS``): VGG16 on small images and the LSTM's steps are
+many small operators, and one forward pass spread over every core by OpenMP spends much of its
+time in barriers and, under ``OMP_WAIT_POLICY=PASSIVE``, in waking its worker threads. Parts of
+one image each, side by side, keep every core busy without either (docs/performance.md,
+*Batches split across the cores*).
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -47,14 +55,39 @@ def is_oom(e: BaseException) -> bool:
     )
 
 
+# A part of a split batch has at least this many images: a batch of 2 split in two ran slower
+# than whole on 2 cores with OpenMP's default spinning; from 4 images on, split was faster.
+MIN_SHARD_IMAGES = 2
+
+
+def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` parts of ``n`` items: at most ``shards`` parts of at least
+    MIN_SHARD_IMAGES items, sizes within one of each other (one part when ``n`` is too small)."""
+    k = max(1, min(shards, n // MIN_SHARD_IMAGES))
+    edges = [round(i * n / k) for i in range(k + 1)]
+    return list(zip(edges, edges[1:]))
+
+
 class BatchRunner:
-    """Callable ``jobs -> [ImageAnswers | InferenceError]`` for :class:`DynamicBatcher`."""
+    """Callable ``jobs -> [ImageAnswers | InferenceError]`` for :class:`DynamicBatcher`.
+
+    ``shard_pool``: threads that each run one part of a batch split ``shards`` ways (CPU only,
+    app/service.py sets them up); None runs every batch whole on the calling thread."""
 
     def __init__(self, predictor: Predictor, cache: FeatureCache | None = None,
-                 on_oom_split: Callable[[int], None] | None = None) -> None:
+                 on_oom_split: Callable[[int], None] | None = None, shards: int = 1,
+                 shard_pool: Executor | None = None, whole_threads: int = 0, part_threads: int = 1) -> None:
         self.predictor = predictor
         self.cache = cache
         self.on_oom_split = on_oom_split
+        self.shards = shards if shard_pool is not None else 1
+        self.shard_pool = shard_pool
+        # Intra-op threads for a batch run whole on the calling thread, and for the parts. Set
+        # before every run (a few microseconds): torch.set_num_threads also sets process-wide
+        # state (MKL's thread count), which the last caller decides -- a forward pass on 2
+        # threads after the parts' threads had set 1 took 8.5 ms instead of 6.5.
+        self.whole_threads = whole_threads
+        self.part_threads = part_threads
         # Test hook: called with the ImageQuestions list before every predictor.run.
         self.fault_injector: Callable[[list[ImageQuestions]], None] | None = None
 
@@ -84,6 +117,33 @@ class BatchRunner:
                     out[idx] = InferenceError("non_finite_output", "the model produced a non-finite output")
                 start += n
         return out
+
+    def _forward(self, reqs: list[ImageQuestions]) -> list[ImageAnswers]:
+        """``predictor.run(reqs)``, split across the shard pool's threads when it has them and
+        the batch is large enough. Every part has finished before this returns or raises (the
+        next batch never overlaps a part still running); a failing part fails the batch, as a
+        failing whole batch does."""
+        bounds = shard_bounds(len(reqs), self.shards)
+        if len(bounds) == 1 or self.shard_pool is None:
+            self.use_whole_threads()
+            return list(self.predictor.run(reqs))
+        self._set_threads(self.part_threads)
+        parts = [self.shard_pool.submit(self.predictor.run, reqs[a:b]) for a, b in bounds]
+        wait(parts)
+        out: list[ImageAnswers] = []
+        for part in parts:
+            out.extend(part.result())  # raises the part's exception, if it failed
+        return out
+
+    def use_whole_threads(self) -> None:
+        """Before a forward (or backward) pass run whole on the calling (forward) thread."""
+        if self.shard_pool is not None:
+            self._set_threads(self.whole_threads)
+
+    @staticmethod
+    def _set_threads(n: int) -> None:
+        if n > 0:
+            torch.set_num_threads(n)
 
     @staticmethod
     def _merge(jobs: Sequence[AnswerJob]) -> list[tuple[ImageQuestions, list[tuple[int, int]]]]:
@@ -116,7 +176,7 @@ class BatchRunner:
         try:
             if self.fault_injector is not None:
                 self.fault_injector(reqs)
-            return list(self.predictor.run(reqs))
+            return self._forward(reqs)
         except Exception as e:
             if is_oom(e):
                 if len(reqs) == 1:

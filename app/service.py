@@ -10,6 +10,7 @@ import gc
 import hashlib
 import logging
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from .cache import FeatureCache, image_key
 from .cpu import forward_threads
 from .errors import ApiError
 from .inflight import ByteBudget, Reservation
-from .inference import AnswerJob, BatchRunner, InferenceError
+from .inference import MIN_SHARD_IMAGES, AnswerJob, BatchRunner, InferenceError
 from .metrics import Metrics
 from .preprocessing import ImageError, decode_pixels
 from .settings import Settings
@@ -80,6 +81,19 @@ def _init_forward_thread(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _warm_shards(pool: ThreadPoolExecutor, n: int, predictor: Predictor) -> None:
+    """One small forward pass on each of the ``n`` shard threads (a barrier makes each take
+    one), so that no live batch meets a thread's first-call set-up."""
+    barrier = threading.Barrier(n, timeout=60)
+
+    def warm() -> None:
+        barrier.wait()
+        predictor.warmup([MIN_SHARD_IMAGES])
+
+    for f in [pool.submit(warm) for _ in range(n)]:
+        f.result()
+
+
 class VQAService:
     def __init__(self, settings: Settings, metrics: Metrics, predictor: Predictor | None = None) -> None:
         self.settings = settings
@@ -101,6 +115,10 @@ class VQAService:
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqa-forward",
                                                 initializer=_init_forward_thread,
                                                 initargs=(self.torch_threads,))
+        # On CPU, large batches are split across threads of one intra-op thread each
+        # (app/inference.py, VQA_FORWARD_SHARDS); the pool is made once the device is known.
+        self.forward_shards = 1
+        self._shard_pool: ThreadPoolExecutor | None = None
         self.loaded = False
         self.draining = False
         self.inflight = 0  # admitted /v1 requests not yet answered (the admission bound)
@@ -125,8 +143,17 @@ class VQAService:
             # so live traffic never meets a shape it has not seen.
             p.use_batch_buckets(sizes)
         await loop.run_in_executor(self._forward_pool, p.warmup, sizes)
+        self.forward_shards = self.shards_for(p)
+        per_shard = max(1, self.torch_threads // self.forward_shards)
+        if self.forward_shards > 1:
+            self._shard_pool = ThreadPoolExecutor(max_workers=self.forward_shards, thread_name_prefix="vqa-shard",
+                                                  initializer=_init_forward_thread, initargs=(per_shard,))
+            await loop.run_in_executor(None, _warm_shards, self._shard_pool, self.forward_shards, p)
         self.runner = BatchRunner(p, self.cache if self.cache.enabled else None,
-                                  on_oom_split=lambda n: self.metrics.oom_splits.inc())
+                                  on_oom_split=lambda n: self.metrics.oom_splits.inc(),
+                                  shards=self.forward_shards, shard_pool=self._shard_pool,
+                                  whole_threads=self.torch_threads,
+                                  part_threads=max(1, self.torch_threads // self.forward_shards))
         self.batcher = DynamicBatcher(self.runner, max_batch_size=s.max_batch_size,
                                       max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
                                       on_batch=self.metrics.observe_batch, on_skip=self._count_skip,
@@ -147,8 +174,16 @@ class VQAService:
         gc.collect()
         gc.freeze()
         self.loaded = True
-        log.info("ready: model=%s device=%s dtype=%s max_batch_size=%d max_wait_ms=%g torch_threads=%d",
-                 p.name, p.device, p.dtype_name, s.max_batch_size, s.max_wait_ms, self.torch_threads)
+        log.info("ready: model=%s device=%s dtype=%s max_batch_size=%d max_wait_ms=%g torch_threads=%d "
+                 "forward_shards=%d", p.name, p.device, p.dtype_name, s.max_batch_size, s.max_wait_ms,
+                 self.torch_threads, self.forward_shards)
+
+    def shards_for(self, p: Predictor) -> int:
+        """How many parts a large batch is split into (VQA_FORWARD_SHARDS; CPU only)."""
+        if p.device.type != "cpu":
+            return 1  # a GPU runs one batch at a time anyway: split, it would only queue the parts
+        n = self.settings.forward_shards or self.torch_threads
+        return max(1, min(n, self.torch_threads))
 
     def _count_skip(self, reason: str) -> None:
         # A queued request is cancelled when its route sees the client hang up (or, rarely, when
@@ -180,6 +215,8 @@ class VQAService:
         else:
             self._forward_pool.shutdown(wait=False, cancel_futures=True)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self._shard_pool is not None:
+            self._shard_pool.shutdown(wait=False, cancel_futures=True)
         gc.unfreeze()
 
     @property
@@ -360,7 +397,7 @@ class VQAService:
         loop = asyncio.get_running_loop()
         try:
             cam = await asyncio.wait_for(
-                loop.run_in_executor(self._forward_pool, self.predictor.explain, pixels, question),
+                loop.run_in_executor(self._forward_pool, self._explain_whole, pixels, question),
                 self.settings.request_timeout_s)
         except asyncio.TimeoutError:
             self.metrics.explanations.labels("failed").inc()
@@ -374,6 +411,11 @@ class VQAService:
         self.metrics.explanations.labels("ok").inc()
         self.metrics.explain_duration.observe(seconds)
         return Explained(cam, self.predictor.answers[cam.answer_index], seconds)
+
+    def _explain_whole(self, pixels, question: EncodedQuestion) -> GradCam:
+        if self.runner is not None:  # the backward pass on every intra-op thread, as a whole batch
+            self.runner.use_whole_threads()
+        return self.predictor.explain(pixels, question)  # type: ignore[union-attr]
 
     async def _decode(self, data: bytes):
         s = self.settings

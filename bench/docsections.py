@@ -180,6 +180,7 @@ for _name, _results, _module, _function, _missing in (
         ("vqa-bench:scaling", "bench/results/scaling-cpu.json", "scaling", "render", _not_measured),
         ("vqa-bench:drain", "bench/results/drain.json", "drain", "render", _not_measured),
         ("vqa-bench:drain-workers2", "bench/results/drain-workers2.json", "drain", "render", _not_measured),
+        ("vqa-bench:shards", "bench/results/shards-cpu.json", "shards", "render", _not_measured),
         # #12's explanations: heatmap quality, latency, plain throughput (always committed)
         ("vqa-bench:explain", "bench/results/explain.json", "explain", "markdown", None)):
     section(_name, _results, missing=_missing)(_rendered_by(_module, _function))

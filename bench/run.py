@@ -257,7 +257,8 @@ def bench_regime(regime: Regime, args: argparse.Namespace, device: str, settings
     return result
 
 
-SUITES = {"http": "bench.httpcost", "drain": "bench.drain", "litserve": "bench.peer", "scaling": "bench.scaling"}  # vqa-bench <suite> ...: the other benchmarks, one module each
+SUITES = {"http": "bench.httpcost", "drain": "bench.drain", "litserve": "bench.peer", "scaling": "bench.scaling",
+          "shards": "bench.shards"}  # vqa-bench <suite> ...: the other benchmarks, one module each
 
 
 def main(argv: list[str] | None = None) -> int:
