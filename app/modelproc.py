@@ -303,5 +303,15 @@ def main(socket_path: str, parent_pid: int, env: dict[str, str] | None = None) -
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[model]: %(message)s")
-    asyncio.run(serve(settings, socket_path, parent_pid))
+    run_loop(serve(settings, socket_path, parent_pid))
+
+
+def run_loop(main):
+    """``asyncio.run(main)`` on uvloop where it is installed (uvicorn[standard] brings it on
+    Linux), as the front ends' uvicorn does: this process's loop handles every job's frames."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - other platforms
+        return asyncio.run(main)
+    return uvloop.run(main)
 
