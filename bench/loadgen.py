@@ -119,8 +119,11 @@ class _Connection(asyncio.Protocol):
 
 
 def encode_request(r: PreparedRequest, host: str) -> bytes:
-    """The bytes of ``r`` on the wire: request line, Host, Content-Type and Content-Length."""
-    head = [f"{r.method} {r.path} HTTP/1.1", f"Host: {host}"]
+    """The bytes of ``r`` on the wire: request line, Host, Accept, Accept-Encoding, User-Agent,
+    Content-Type and Content-Length."""
+    # The headers aiohttp sent (the client before this one), so the server parses as many.
+    head = [f"{r.method} {r.path} HTTP/1.1", f"Host: {host}", "Accept: */*",
+            "Accept-Encoding: gzip, deflate", "User-Agent: vqa-bench"]
     if r.content_type:
         head.append(f"Content-Type: {r.content_type}")
     if r.body or r.method not in ("GET", "HEAD"):

@@ -81,6 +81,7 @@ def test_requests_reuse_one_keep_alive_connection_per_worker():
     # What went out is each prepared request, byte for byte, behind its head.
     assert [raw for _, raw in srv.seen] == [encode_request(r, f"127.0.0.1:{srv.port}") for r in reqs]
     assert srv.seen[0][1].startswith(b"POST /v1/answer HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert b"\r\nUser-Agent: vqa-bench\r\n" in srv.seen[0][1]
     assert b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 3\r\n\r\nxxx" in srv.seen[0][1]
 
 
