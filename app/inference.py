@@ -55,9 +55,12 @@ def is_oom(e: BaseException) -> bool:
     )
 
 
-# A part of a split batch has at least this many images: a batch of 2 split in two ran slower
-# than whole on 2 cores with OpenMP's default spinning; from 4 images on, split was faster.
-MIN_SHARD_IMAGES = 2
+# A part of a split batch has at least this many images. Only a batch of one image runs whole
+# (one request at a time keeps its batch-1 latency on every intra-op thread). A batch of 2 or 3
+# ran 10-17% slower split than whole on 2 cores with OpenMP's default spinning (2x faster with
+# OMP_WAIT_POLICY=PASSIVE), but a whole batch leaves its OpenMP worker spinning on a core for a
+# while, which the next, split batch pays for: under load, batches of 2-3 are its stragglers.
+MIN_SHARD_IMAGES = 1
 
 
 def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:

@@ -36,7 +36,7 @@ def log(msg: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vqa-bench shards", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", type=Path, default=REPO / "weights" / "easy-vqa.safetensors")
-    p.add_argument("--sizes", default="4,8,16,32", help="batch sizes (default 4,8,16,32)")
+    p.add_argument("--sizes", default="2,4,8,16,32", help="batch sizes (default 2,4,8,16,32)")
     p.add_argument("--repeats", type=int, default=6, help="alternating blocks per size and kind (default 6)")
     p.add_argument("--block", type=int, default=3, help="timed batches per block (default 3)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads / parts (default: the service's)")

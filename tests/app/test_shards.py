@@ -2,6 +2,7 @@
 as one whole forward pass, in order; small batches stay whole; a failing part fails the batch
 only once every part has finished; each kind of run gets its own intra-op thread count."""
 
+
 from __future__ import annotations
 
 import threading
@@ -60,7 +61,8 @@ def test_shard_bounds_are_contiguous_balanced_and_not_too_small():
             sizes = [e - s for s, e in b]
             assert max(sizes) - min(sizes) <= 1
             assert len(b) == max(1, min(shards, n // MIN_SHARD_IMAGES))
-    assert shard_bounds(3, 2) == [(0, 3)]  # one part of 3 images, not 2 + 1
+    assert shard_bounds(1, 2) == [(0, 1)]  # one image: whole
+    assert shard_bounds(3, 2) == [(0, 2), (2, 3)]
     assert shard_bounds(4, 2) == [(0, 2), (2, 4)]
 
 
@@ -79,8 +81,8 @@ def test_a_split_batch_answers_like_the_whole_batch_in_order(tiny_checkpoint):
         assert [t for _, _, t in rec.calls] == [1, 1]
         assert forward.submit(torch.get_num_threads).result() == 1  # set for the parts' run
         rec.calls.clear()
-        small = forward.submit(runner, jobs[:3]).result()  # too small to split: whole, here
-        assert rec.calls == [(rec.calls[0][0], 3, 2)] and rec.calls[0][0].startswith("fwd")
+        small = forward.submit(runner, jobs[:1]).result()  # one image: whole, here, every thread
+        assert rec.calls == [(rec.calls[0][0], 1, 2)] and rec.calls[0][0].startswith("fwd")
     finally:
         forward.shutdown()
         pool.shutdown()
@@ -90,7 +92,7 @@ def test_a_split_batch_answers_like_the_whole_batch_in_order(tiny_checkpoint):
         assert a.probs.shape == b.probs.shape
         assert torch.allclose(a.probs, b.probs, atol=1e-5)
         assert a.encoded == b.encoded
-    assert [isinstance(x, ImageAnswers) for x in small] == [True] * 3
+    assert [isinstance(x, ImageAnswers) for x in small] == [True]
 
 
 def test_a_failing_part_fails_the_batch_after_every_part_finished(tiny_checkpoint):
