@@ -17,7 +17,7 @@
 # Needs: python3 (3.10+; $PYTHON to choose) with torch -- a CUDA build for the real run -- and
 # the project's other dependencies importable: safetensors, numpy, pillow, torchvision, pytest;
 # for the benchmark also fastapi, fastapi-offline, uvicorn, python-multipart, pydantic-settings,
-# prometheus-client, httpx, aiohttp; easy-vqa for the precision check (it skips without it). No
+# prometheus-client, httpx, httptools; easy-vqa for the precision check (it skips without it). No
 # internet: nothing is downloaded. The project runs from this tree (PYTHONPATH), nothing is
 # installed; on a machine without the dependencies, install the wheels you brought with
 # `pip install --no-deps <wheels>` and the project with `pip install --no-deps -e .`. The script
@@ -83,7 +83,7 @@ import importlib.util
 need = {"tests": ["torch", "torchvision", "safetensors", "numpy", "PIL", "pytest"],
         "precision check": ["easy_vqa"],
         "benchmark": ["fastapi", "fastapi_offline", "uvicorn", "multipart", "pydantic_settings",
-                      "prometheus_client", "httpx", "aiohttp"]}
+                      "prometheus_client", "httpx", "httptools"]}
 for what, mods in need.items():
     missing = [m for m in mods if importlib.util.find_spec(m) is None]
     print(f"{what}: " + ("all present" if not missing else "MISSING " + ", ".join(missing)))
