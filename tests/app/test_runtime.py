@@ -1,12 +1,15 @@
 """Process-level set-up the service does for speed: one thread owns the model, and the
 objects that live as long as the process are frozen out of the garbage collector.
 
-Loading, warm-up and every forward pass run on one thread, the batcher's.
+Loading, warm-up and every forward pass run on one thread, the batcher's -- except the parts of
+a batch split across the cores (app/inference.py), which run on the part threads, each with one
+intra-op thread.
 
 On CPU, torch's OpenMP runtime keeps a team of worker threads for each thread that has run a
 parallel op; two teams on a 2-core machine make libgomp stop spinning between parallel
 regions, and a batch-1 forward pass then took 2.7x as long (docs/performance.md). The service
-therefore keeps all model work on the one thread the batcher runs its handler on.
+therefore keeps all model work that uses more than one intra-op thread on the one thread the
+batcher runs its handler on; the part threads run with one, so they start no team.
 """
 
 from __future__ import annotations
@@ -23,9 +26,13 @@ from tests.conftest import png_bytes
 def test_model_work_runs_on_the_forward_thread_only(monkeypatch):
     seen: dict[str, set[str]] = {"load": set(), "warmup": set(), "run": set()}
     from_file, warmup, run_ = Predictor.from_file.__func__, Predictor.warmup, Predictor.run
+    teams: set[tuple[str, int]] = set()  # (thread, intra-op threads) of every forward pass
 
     def record(kind):
         seen[kind].add(threading.current_thread().name)
+        if kind == "run":
+            import torch
+            teams.add((threading.current_thread().name, torch.get_num_threads()))
 
     monkeypatch.setattr(Predictor, "from_file",
                         classmethod(lambda cls, *a, **k: (record("load"), from_file(cls, *a, **k))[1]))
@@ -41,8 +48,11 @@ def test_model_work_runs_on_the_forward_thread_only(monkeypatch):
     assert r.status_code == 200
     threads = seen["load"] | seen["warmup"] | seen["run"]
     assert all(seen.values()), seen
-    assert len(threads) == 1 and threads != {main_thread}, seen
-    assert next(iter(threads)).startswith("vqa-forward")
+    assert main_thread not in threads, seen
+    assert {t for t in threads if not t.startswith("vqa-shard")} == {"vqa-forward_0"}, seen
+    assert seen["load"] == {"vqa-forward_0"}
+    # Only the forward thread runs with more than one intra-op thread (one OpenMP team).
+    assert {t for t, n in teams if n > 1} <= {"vqa-forward_0"}, teams
 
 
 def test_batcher_refuses_a_pool_with_more_than_one_thread():
