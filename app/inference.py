@@ -9,8 +9,8 @@ On CPU a batch can also be split into parts that run at once on threads of their
 fewer intra-op threads (``VQA_FORWARD_SHARDS``): VGG16 on small images and the LSTM's steps are
 many small operators, and one forward pass spread over every core by OpenMP spends much of its
 time in barriers and, under ``OMP_WAIT_POLICY=PASSIVE``, in waking its worker threads. Parts of
-one image each, side by side, keep every core busy without either (docs/performance.md,
-*Batches split across the cores*).
+the batch (whole images each), side by side, keep every core busy without either
+(docs/performance.md, *Batches split across the cores*).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class BatchRunner:
         the batch is large enough. Every part has finished before this returns or raises (the
         next batch never overlaps a part still running); a failing part fails the batch, as a
         failing whole batch does."""
-        bounds = shard_bounds(len(reqs), self.shards)
+        bounds = shard_bounds(len(reqs), self.shards)  # one part without a shard pool
         if len(bounds) == 1 or self.shard_pool is None:
             self.use_whole_threads()
             return list(self.predictor.run(reqs))
@@ -139,9 +139,9 @@ class BatchRunner:
         return out
 
     def use_whole_threads(self) -> None:
-        """Before a forward (or backward) pass run whole on the calling (forward) thread."""
-        if self.shard_pool is not None:
-            self._set_threads(self.whole_threads)
+        """Before a forward (or backward) pass run whole on the calling (forward) thread: its
+        ``whole_threads`` intra-op threads (0: leave the thread's count as it is)."""
+        self._set_threads(self.whole_threads)
 
     @staticmethod
     def _set_threads(n: int) -> None:

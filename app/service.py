@@ -115,8 +115,8 @@ class VQAService:
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqa-forward",
                                                 initializer=_init_forward_thread,
                                                 initargs=(self.torch_threads,))
-        # On CPU, large batches are split across threads of one intra-op thread each
-        # (app/inference.py, VQA_FORWARD_SHARDS); the pool is made once the device is known.
+        # On CPU, batches of two or more images are split across threads of one intra-op thread
+        # each (app/inference.py, VQA_FORWARD_SHARDS); the pool is made once the device is known.
         self.forward_shards = 1
         self._shard_pool: ThreadPoolExecutor | None = None
         self.loaded = False
@@ -152,8 +152,7 @@ class VQAService:
         self.runner = BatchRunner(p, self.cache if self.cache.enabled else None,
                                   on_oom_split=lambda n: self.metrics.oom_splits.inc(),
                                   shards=self.forward_shards, shard_pool=self._shard_pool,
-                                  whole_threads=self.torch_threads,
-                                  part_threads=max(1, self.torch_threads // self.forward_shards))
+                                  whole_threads=self.torch_threads, part_threads=per_shard)
         self.batcher = DynamicBatcher(self.runner, max_batch_size=s.max_batch_size,
                                       max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
                                       on_batch=self.metrics.observe_batch, on_skip=self._count_skip,
@@ -179,7 +178,7 @@ class VQAService:
                  self.torch_threads, self.forward_shards)
 
     def shards_for(self, p: Predictor) -> int:
-        """How many parts a large batch is split into (VQA_FORWARD_SHARDS; CPU only)."""
+        """At most how many parts a batch is split into (VQA_FORWARD_SHARDS; CPU only)."""
         if p.device.type != "cpu":
             return 1  # a GPU runs one batch at a time anyway: split, it would only queue the parts
         n = self.settings.forward_shards or self.torch_threads

@@ -2,9 +2,9 @@
 on one thread each (``VQA_FORWARD_SHARDS``, app/inference.py), side by side.
 
 Both go through :class:`app.inference.BatchRunner` on the same predictor, on one forward thread,
-alternating batch by batch: ``whole`` is the runner without a part pool (the forward pass on
-``--threads`` OpenMP threads), ``split`` the runner the service builds on CPU (``--threads`` parts
-of one thread each). Each OpenMP wait policy runs in a process of its own, because libgomp reads
+in alternating blocks of batches: ``whole`` is the runner without a part pool (the forward pass
+on ``--threads`` OpenMP threads), ``split`` the runner the service builds on CPU (``--threads``
+parts of one thread each); each sets the forward thread's thread count before its runs. Each OpenMP wait policy runs in a process of its own, because libgomp reads
 ``OMP_WAIT_POLICY`` once, at start-up. Images are random pixels (the forward pass does not care
 what they show); every batch is new to the runner (no cache).
 """
@@ -70,8 +70,6 @@ def measure_here(args: argparse.Namespace) -> dict:
         gen = torch.Generator().manual_seed(0)
         whole = BatchRunner(p, whole_threads=threads)
         split = BatchRunner(p, shards=threads, shard_pool=parts, whole_threads=threads, part_threads=1)
-        # Every runner runs on the forward thread and sets its own thread count first.
-        whole_run = lambda jobs: (torch.set_num_threads(threads), whole(jobs))[1]  # noqa: E731
 
         def jobs(n: int) -> list[AnswerJob]:
             return [AnswerJob(questions=[q], pixels=torch.randint(0, 256, (3, p.image_size, p.image_size),
@@ -80,11 +78,11 @@ def measure_here(args: argparse.Namespace) -> dict:
 
         out = {}
         for n in args.sizes:
-            for fn in (whole_run, split, whole_run, split):  # warm-up, untimed
+            for fn in (whole, split, whole, split):  # warm-up, untimed
                 forward.submit(fn, jobs(n)).result()
             ms: dict[str, list[float]] = {"whole": [], "split": []}
             for _ in range(args.repeats):
-                for kind, fn in (("whole", whole_run), ("split", split)):
+                for kind, fn in (("whole", whole), ("split", split)):
                     # A block of batches of one kind, the first untimed: the steady state of a
                     # server whose batches are all this size (the switch itself is not timed).
                     for i in range(args.block + 1):
