@@ -23,9 +23,7 @@ def take_backlog(sockets: list[socket.socket]) -> list[socket.socket]:
         while True:
             try:
                 conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:  # closed, or not listening
+            except OSError:  # empty (BlockingIOError), interrupted, closed or not listening
                 break
             conn.setblocking(False)
             out.append(conn)
