@@ -238,6 +238,7 @@ def test_sigterm_drain_answers_every_admitted_request_then_exits_0():
         async def scenario():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=fresh_connections(admitted_n)) as load, \
                     httpx.AsyncClient(base_url=srv.url, timeout=10) as probe, \
+                    httpx.AsyncClient(base_url=srv.url, timeout=10, limits=fresh_connections(1)) as spread, \
                     httpx.AsyncClient(base_url=srv.url, timeout=30, limits=fresh_connections(late_n)) as late:
                 tasks = [asyncio.create_task(load.post("/v1/answer", **form(png_bytes((i, 50, 50)), "what shape")))
                          for i in range(admitted_n)]
@@ -247,6 +248,19 @@ def test_sigterm_drain_answers_every_admitted_request_then_exits_0():
                     assert time.monotonic() < deadline, "requests were not admitted"
                     await asyncio.sleep(0.01)
                 srv.proc.send_signal(signal.SIGTERM)
+                # "Late" means after the front ends have taken the signal (the supervisor passes
+                # it on; a request that reaches a front end before it does is admitted, as in one
+                # process before its signal handler runs). Each probe opens a new connection, so
+                # the kernel hands it to either front end: ten refusals in a row leave a front end
+                # not yet draining a 1-in-1024 chance per front end of going unseen.
+                refused_in_a_row = 0
+                while refused_in_a_row < 10:
+                    assert time.monotonic() < deadline + 60, "the front ends did not start draining"
+                    try:
+                        ready = (await spread.get("/readyz")).status_code == 200
+                    except httpx.TransportError:
+                        ready = False  # past the grace period: no new connections at all
+                    refused_in_a_row = 0 if ready else refused_in_a_row + 1
                 late_results = await asyncio.gather(*[late_request(late, i) for i in range(late_n)])
                 answered = await asyncio.gather(*tasks, return_exceptions=True)
                 code = await asyncio.to_thread(srv.proc.wait, 90)
