@@ -217,9 +217,13 @@ class Supervisor:
         if model.is_alive():
             os.kill(model.pid, signal.SIGTERM)
             model.join(s.shutdown_timeout_s + 10)
-        codes = [p.exitcode for p in children]
-        log.info("stopped; exit codes: %s", codes)
-        return 1 if crashed or any(c != 0 for c in codes) else 0
+            if model.is_alive():
+                log.error("%s did not stop in time", model.name)
+        codes = {p.name: p.exitcode for p in children}
+        failed = crashed or any(c != 0 for c in codes.values())
+        # An operator (and a failing test's log) needs to see which process failed a stop.
+        log.log(logging.ERROR if failed else logging.INFO, "stopped; exit codes: %s", codes)
+        return 1 if failed else 0
 
 
 def serve(host: str, port: int, workers: int, settings: Settings | None = None) -> int:

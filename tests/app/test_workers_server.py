@@ -67,6 +67,13 @@ def workers_server(settings: dict[str, str], delay_s: float = 0.0):
         srv.start()
         try:
             yield srv
+        except BaseException:
+            # The server's own account of a failure is in its log, which goes with the
+            # temporary directory: show it (pytest prints captured output of failing tests).
+            srv.stop()
+            print(f"--- server log ({srv.proc.returncode=}) ---")
+            print(Path(tmp, "server.log").read_text(errors="replace")[-20000:])
+            raise
         finally:
             srv.stop()
 
@@ -224,7 +231,7 @@ def test_overload_503_and_deadline_504_then_recovery():
 def test_sigterm_drain_answers_every_admitted_request_then_exits_0():
     admitted_n, late_n = 30, 20
     settings = {"VQA_MAX_BATCH_SIZE": "1", "VQA_MAX_QUEUE": "64", "VQA_FEATURE_CACHE": "0",
-                "VQA_SHUTDOWN_TIMEOUT_S": "60"}
+                "VQA_SHUTDOWN_TIMEOUT_S": "60", "VQA_LOG_LEVEL": "info"}
     with workers_server(settings, delay_s=0.0) as srv:
         srv.delay_file.write_text("0.05")  # ~1.5 s of admitted work queued when the signal lands
 
