@@ -332,7 +332,7 @@ class FrontEndService(VQAService):
     async def stop(self) -> None:
         self.draining = True
         self.remote.close()
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        await self.stop_decoding()
         self._forward_pool.shutdown(wait=False, cancel_futures=True)
         gc.unfreeze()
 

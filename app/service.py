@@ -213,10 +213,18 @@ class VQAService:
             log.info("batcher stopped (%s)", "drained" if drained else "drain timed out")
         else:
             self._forward_pool.shutdown(wait=False, cancel_futures=True)
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        await self.stop_decoding()
         if self._shard_pool is not None:
             self._shard_pool.shutdown(wait=False, cancel_futures=True)
         gc.unfreeze()
+
+    async def stop_decoding(self) -> None:
+        """Cancel the queued decodes and wait, off the event loop, until every decode thread has
+        ended. The threads are daemons and have run torch code: one still ending while the
+        interpreter shuts down can free a tensor then, which aborts the process (SIGABRT after
+        a clean drain; app/threads.py). Idle after a drain, they end at once; a decode still
+        running is bounded by the image limits."""
+        await asyncio.to_thread(self._decode_pool.shutdown, wait=True, cancel_futures=True)
 
     @property
     def ready(self) -> bool:

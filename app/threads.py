@@ -57,6 +57,14 @@ class ThreadPool(Executor):
                 return
             fn, args, done, _ = job
             done(fn, args)
+            # Let go of the job before waiting for the next one. Otherwise an idle thread keeps
+            # its last job alive -- the function with what it closes over (an upload's bytes),
+            # the caller's future with its result (the decoded pixels) -- until its next job or
+            # until it exits; and a thread that exits while the interpreter shuts down frees a
+            # torch tensor then, which releases the GIL, cannot take it back, and aborts the
+            # process ("terminate called without an active exception", pytorch/pytorch#38228:
+            # a VQA_WORKERS front end exited -6 after a clean drain).
+            del job, fn, args, done, _
 
     async def run(self, fn: Callable, *args: Any) -> Any:
         """``fn(*args)`` on a pool thread; its result (or exception) here."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -11,7 +12,7 @@ from app.metrics import Metrics
 from app.service import VQAService
 from models import Predictor
 from models.vocab import Vocabulary
-from tests.app.conftest import make_settings
+from tests.app.conftest import make_settings, run
 
 
 def test_requests_before_the_model_is_loaded_get_503_not_an_assertion():
@@ -45,3 +46,27 @@ def test_a_question_is_tokenised_once():
     with pytest.raises(ApiError) as info:
         svc.parse_question("what shape is in the image")
     assert info.value.code == "question_too_long"
+
+
+def test_stop_waits_until_the_decode_threads_have_ended():
+    """The decode threads are daemons that run torch code. One still ending while the
+    interpreter shuts down can free a tensor then, which aborts the process: a VQA_WORKERS
+    front end exited with SIGABRT after a clean drain (app/threads.py). So stop() returns only
+    once they have ended, waiting for a decode still in progress."""
+    svc = VQAService(make_settings(), Metrics())
+    gate = threading.Event()
+
+    async def scenario():
+        busy = asyncio.ensure_future(svc._decode_pool.run(gate.wait, 60))  # a decode in progress
+        while not (threads := [t for t in threading.enumerate() if t.name.startswith("vqa-decode")]):
+            await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(svc.stop())
+        await asyncio.sleep(0.2)
+        still_stopping = not stopping.done()
+        gate.set()
+        await asyncio.gather(stopping, busy)
+        return threads, still_stopping
+
+    threads, still_stopping = run(scenario())
+    assert still_stopping, "stop() returned while a decode thread was still running"
+    assert not any(t.is_alive() for t in threads)

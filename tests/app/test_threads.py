@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import weakref
 
 import pytest
 
@@ -54,3 +56,32 @@ def test_a_cancelled_job_is_skipped_and_shutdown_cancels_the_queue():
 
     queued = asyncio.run(main())
     assert queued.cancelled() and ran == []
+
+
+def test_an_idle_thread_keeps_nothing_of_its_last_job():
+    """Once a job's result is delivered, the pool holds no reference to the job: not its
+    function (which may close over an upload's bytes), not the caller's future with the result
+    (decoded pixels). A thread that kept them freed them only when it ended, and a torch tensor
+    freed while the interpreter shuts down aborts the process (app/threads.py)."""
+
+    class Result:
+        pass
+
+    class Payload:
+        pass
+
+    pool = ThreadPool(1)
+    payload = Payload()
+    refs = [weakref.ref(payload)]
+
+    async def main():
+        result = await pool.run(lambda p=payload: Result())
+        refs.append(weakref.ref(result))
+
+    asyncio.run(main())
+    del payload
+    guard = time.monotonic() + 30  # liveness guard: the thread drops them right after the job
+    while any(r() is not None for r in refs) and time.monotonic() < guard:
+        time.sleep(0.01)
+    assert [r() for r in refs] == [None, None]
+    pool.shutdown()
