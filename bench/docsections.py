@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 
+from . import machine
 from .checks import cell, compute_checks
 from .docgen import RESULTS, section
 from .report import render
@@ -83,19 +84,12 @@ def _bench_summary(results: dict) -> str:
 # --- vqa-soak (bench/soak.py): docs/reliability.md, README -------------------------------
 
 
-def _machine_line(m: dict) -> str:
-    parts = [f"{m['cpu_model']}, {m['cpus']} CPUs"]
-    if m.get("memory_gib"):
-        parts.append(f"{m['memory_gib']} GiB RAM")
-    return "; ".join(parts + [f"Python {m['python']}", f"torch {m['torch']}"])
-
-
 def _provenance(report: dict, path: str) -> str:
     m, load = report["machine"], report["load_average_start"]
     shared = (" The machine was shared with other jobs (a load average above its core count): times "
               "and rates are not this server's alone."
               if load and m.get("cpus") and max(load[0], report["load_average_end"][0]) > m["cpus"] else "")
-    return (f"`{report['command']}` on {_machine_line(m)}, {report['created']} (load average "
+    return (f"`{report['command']}` on {machine.line(m)}, {report['created']} (load average "
             f"{load} at start, {report['load_average_end']} at the end); results: `{path}`.{shared}")
 
 

@@ -116,6 +116,7 @@ def render(results: dict) -> str:
     took = [r.get("took_s") for r in runs if r.get("took_s") is not None]
     lines = [f"- Command: `{results['command']}` (tree: {results['tree']})",
              f"- Date: {results['created']}; load average at the end {results['load_average_end']}",
+             f"- Machine: {machine.line(results['machine'])}",
              f"- **{results['passed']} of {len(runs)} runs passed**: {results['total_lost']} requests without "
              f"a response in all, server exit codes {results['exit_codes']}",
              "- Outcomes over all runs: " + ", ".join(f"{k}: {v}" for k, v in sorted(totals.items()))

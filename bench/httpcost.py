@@ -132,6 +132,7 @@ def render(results: dict) -> str:
              f"- Date: {results['created']}; load average at start {results['load_average_start']}, "
              f"at end {results['load_average_end']}; {results['rounds']} alternating rounds of "
              f"{results['requests']} distinct-image requests per cell, shipped model, CPU",
+             f"- Machine: {machine.line(results['machine'])}",
              "- Results file: `bench/results/http-cpu.json`", "",
              "| server | " + " | ".join(f"event loop ms/req c={c}" for c in conc)
              + " | " + " | ".join(f"other threads ms/req c={c}" for c in conc)

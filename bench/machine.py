@@ -40,6 +40,16 @@ def load_average() -> list[float] | None:
         return None
 
 
+def line(m: dict) -> str:
+    """What ``describe`` recorded, as the one line the docs print under a results table: CPU
+    model and count, memory, Python, torch. Figures measured on different CPUs are not
+    comparable (this project's shared 2-core machines have been both AMD EPYC and Intel Xeon)."""
+    parts = [f"{m['cpu_model']}, {m['cpus']} CPUs"]
+    if m.get("memory_gib"):
+        parts.append(f"{m['memory_gib']} GiB RAM")
+    return "; ".join(parts + [f"Python {m['python']}", f"torch {m['torch']}"])
+
+
 def describe(device: torch.device) -> dict:
     cpu = _lscpu()
     info = {

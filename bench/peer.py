@@ -120,6 +120,7 @@ def render(results: dict) -> str:
              f"at end {results['load_average_end']}; {results['rounds']} alternating rounds of "
              f"{results['requests']} distinct-image requests at concurrency {results['concurrency']}, "
              "shipped model, CPU; LitServe " + results.get("litserve_version", "?"),
+             f"- Machine: {machine.line(results['machine'])}",
              "- Results file: `bench/results/litserve-cpu.json`", "",
              "| server environment | ours req/s (median) | LitServe req/s (median) | **ours ÷ LitServe** (median of rounds) | per round | server CPU ms/req ours / LitServe | answers differing |",
              "|---|---|---|---|---|---|---|"]

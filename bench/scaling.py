@@ -150,6 +150,7 @@ def render(results: dict) -> str:
              f"{results['requests']} distinct-image `POST /v1/answer` requests per cell",
              f"- Simulated device: {results['sim_a_ms']:.3f} ms + {results['sim_b_ms']:.3f} ms × batch "
              "(bench/simdevice.py: the published V100 VGG16 fp16 line ÷ an assumed 4 for an H100-class GPU)",
+             f"- Machine: {machine.line(results['machine'])}",
              f"- Results file: `{results['output']}`", ""]
     for part, r in results["parts"].items():
         lines += [f"**{PARTS[part]}**, concurrency {r['concurrency']}:", "",

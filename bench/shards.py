@@ -109,6 +109,7 @@ def render(results: dict) -> str:
              f"{results['model']} ({results['image_size']}×{results['image_size']}), {results['threads']} threads: "
              f"*whole* = one forward pass on {results['threads']} OpenMP threads, *split* = {results['threads']} "
              "parts of one thread each, at once",
+             f"- Machine: {machine.line(results['machine'])}",
              "",
              "| OpenMP wait policy | batch | whole, ms (median) | split, ms (median) | split ÷ whole |",
              "|---|---|---|---|---|"]
