@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", default="1,2", help="VQA_WORKERS values compared (default 1,2)")
     p.add_argument("--sim-concurrency", type=int, default=128)
     p.add_argument("--real-concurrency", type=int, default=32)
-    p.add_argument("--requests", type=int, default=2000, help="requests per cell (default 2000)")
+    # 2,000 made a simulated-device cell last under a second on a fast 2-core machine.
+    p.add_argument("--requests", type=int, default=6000, help="requests per cell (default 6000)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--sim-a-ms", type=float, default=simdevice.DEFAULT_A_MS)
     p.add_argument("--sim-b-ms", type=float, default=simdevice.DEFAULT_B_MS)
