@@ -15,7 +15,7 @@ request ends in one of:
 A run passes when nothing is lost, every 503 carries ``Retry-After`` and ``Connection: close``,
 and the server exits 0. ``--runs 20`` repeats it; results to JSON (``--output``).
 
-    vqa-bench drain --runs 20 --output bench/results/drain-cpu.json
+    vqa-bench drain --runs 20 --output bench/results/drain.json
 """
 
 from __future__ import annotations
