@@ -106,13 +106,15 @@ def test_the_next_batch_is_on_the_device_before_the_last_one_is_answered():
         rec.started.clear()
         rec.gate.set()
         await blocker
-        seen = b.running_items, rec.started.is_set() or b.busy_s > 0
+        seen = b.running_items, rec.started.is_set()
         await asyncio.gather(*queued)
         await b.stop()
         return seen, rec
 
-    (running, busy), rec = run(main())
-    assert running == 3 and busy  # the second batch was launched before the blocker's caller ran
+    (running, started), rec = run(main())
+    # The second batch was launched before the blocker's caller ran: it is on the device, or its
+    # handler has even run already.
+    assert running == 3 or started, (running, started)
     assert [len(x) for x in rec.batches] == [1, 3]
 
 
