@@ -140,12 +140,14 @@ class DynamicBatcher(Generic[T, R]):
         on_skip: Callable[[str], None] | None = None,
         thread_name: str = "batch-worker",
         executor: ThreadPoolExecutor | None = None,
+        lanes: int = 1,
     ) -> None:
-        """``executor``: the one-thread pool the handler runs on (the batcher shuts it down on
-        stop); by default a new one named ``thread_name``. Passing one lets the caller run other
-        work -- loading, warm-up -- on the same thread as the handler."""
-        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0")
+        """``executor``: the pool the handler runs on, one thread per lane (the batcher shuts it
+        down on stop); by default a new one named ``thread_name``. Passing one lets the caller
+        run other work -- loading, warm-up -- on the same thread as the handler. ``lanes``: how
+        many batches may run at once, each on its own thread of the pool (1: one at a time)."""
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0 or lanes < 1:
+            raise ValueError("max_batch_size, max_queue and lanes must be >= 1, max_wait_s >= 0")
         self.handler = handler
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -157,21 +159,19 @@ class DynamicBatcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
-        # The batch on the device, if any: its items and the handler's future. A batch is
-        # submitted to the device thread and answered by plain callbacks (_launch, _landed), not
-        # by a task per batch.
-        self._running: list[_Pending] | None = None
-        self._on_device: Future | None = None
-        # The worker, its next batch gathered, waiting for the device: the batch in progress
-        # launches that next batch itself the moment the handler returns (_landed).
+        # The batches on the device, by the handler's future: their items and start times. A
+        # batch is submitted to a lane's thread and answered by plain callbacks (_launch,
+        # _landed), not by a task per batch.
+        self.lanes = lanes
+        self._running: dict[Future, tuple[list[_Pending], float]] = {}
+        # The worker, its next batch gathered, waiting for a lane: the first batch to finish
+        # launches that next batch itself the moment its handler returns (_landed).
         self._launch_waiter: asyncio.Future | None = None
-        if executor is not None and getattr(executor, "_max_workers", 1) != 1:
-            raise ValueError("the handler's executor must have exactly one thread")
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        if executor is not None and getattr(executor, "_max_workers", 1) != lanes:
+            raise ValueError("the handler's executor must have exactly one thread per lane")
+        self._executor = executor or ThreadPoolExecutor(max_workers=lanes, thread_name_prefix=thread_name)
         self._avg_batch_s = 0.0
         self._avg_item_s = 0.0  # recent forward-pass seconds per item (0 until a batch has run)
-        self._running_since: float | None = None  # start of the forward pass in progress
-        self._running_items = 0
         self.failure: BaseException | None = None  # set if the worker loop itself died
 
     # ----------------------------------------------------------------- lifecycle
@@ -190,11 +190,11 @@ class DynamicBatcher(Generic[T, R]):
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
             except asyncio.TimeoutError:
                 drained = False
-                # The batch on the device fails (BatcherClosed) now instead of at its items'
-                # deadlines; the handler's thread is not interrupted.
+                # The batches on the device fail (BatcherClosed) now instead of at their items'
+                # deadlines; the handlers' threads are not interrupted.
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
-                for p in self._running or ():
+                for p in [p for batch, _ in self._running.values() for p in batch]:
                     if not p.future.done():
                         p.future.set_exception(BatcherClosed("server shutting down"))
             except Exception:  # the worker died; failure is recorded
@@ -212,16 +212,22 @@ class DynamicBatcher(Generic[T, R]):
         return self.healthy and not self._closing
 
     @property
+    def busy_since(self) -> float | None:
+        """``time.monotonic()`` at the start of the oldest forward pass in progress (None when idle)."""
+        return min((started for _, started in self._running.values()), default=None)
+
+    @property
     def busy_s(self) -> float:
-        """How long the forward pass in progress has been running (0 when idle): a watchdog
-        for a wedged device, which would otherwise look healthy while every request times out."""
-        started = self._running_since
-        return 0.0 if started is None else time.monotonic() - started
+        """How long the oldest forward pass in progress has been running (0 when idle): a
+        watchdog for a wedged device, which would otherwise look healthy while every request
+        times out."""
+        since = self.busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     @property
     def running_items(self) -> int:
-        """Items in the batch on the device (0 when idle)."""
-        return 0 if self._running_since is None else self._running_items
+        """Items in the batches on the device (0 when idle)."""
+        return sum(len(batch) for batch, _ in self._running.values())
 
     @property
     def queue_depth(self) -> int:
@@ -236,19 +242,20 @@ class DynamicBatcher(Generic[T, R]):
         """Seconds until one more item would have its result, queued behind ``ahead`` items not
         yet submitted (e.g. uploads still being read), everything pending and what is left of
         the batch in progress, at the recent seconds per item; 0 while nothing is queued, running
-        or ahead, or before any batch has run."""
+        or ahead, or before any batch has run. With several lanes the work ahead is shared by
+        all of them."""
         queued = ahead + len(self._pending)
-        if self._avg_item_s == 0 or (queued == 0 and self._running_since is None):
+        if self._avg_item_s == 0 or (queued == 0 and not self._running):
             return 0.0
-        running = 0.0
-        if self._running_since is not None:
-            running = max(0.0, self._running_items * self._avg_item_s - self.busy_s)
-        return (queued + 1) * self._avg_item_s + running
+        now = time.monotonic()
+        running = sum(max(0.0, len(batch) * self._avg_item_s - (now - started))
+                      for batch, started in self._running.values())
+        return ((queued + 1) * self._avg_item_s + running) / self.lanes
 
     def retry_after_s(self) -> float:
         """A client-facing estimate of when the queue will have room again (>= 1 s)."""
         batches_ahead = math.ceil(len(self._pending) / self.max_batch_size)
-        return max(1.0, math.ceil(batches_ahead * self._avg_batch_s))
+        return max(1.0, math.ceil(batches_ahead * self._avg_batch_s / self.lanes))
 
     # ----------------------------------------------------------------- submit
     def announce(self) -> Arrival:
@@ -309,7 +316,7 @@ class DynamicBatcher(Generic[T, R]):
                     await self._wakeup.wait()
                     continue
                 await self._gather()
-                if self._on_device is not None:
+                if len(self._running) >= self.lanes:
                     # The device is busy: items keep arriving while we wait, so the batch
                     # taken when it is free grows with load instead of queueing tiny batches.
                     # The running batch takes and launches it as its handler returns, before
@@ -321,7 +328,7 @@ class DynamicBatcher(Generic[T, R]):
                 batch = self._take_batch()
                 if batch:
                     self._launch(batch)
-            while self._on_device is not None:  # drain: the last batch is answered
+            while self._running:  # drain: the last batch is answered
                 self._launch_waiter = loop.create_future()
                 await self._launch_waiter
         except asyncio.CancelledError:
@@ -366,20 +373,18 @@ class DynamicBatcher(Generic[T, R]):
         return batch
 
     def _launch(self, batch: list[_Pending]) -> None:
-        """Submit ``batch`` to the device thread now. Its result comes back to the event loop
+        """Submit ``batch`` to a free lane's thread now. Its result comes back to the event loop
         by one ``call_soon_threadsafe`` (no task, no future chained to the handler's)."""
         loop = asyncio.get_running_loop()
-        started = self._running_since = time.monotonic()
-        self._running_items = len(batch)
+        started = time.monotonic()
         try:
             fut = self._executor.submit(self.handler, [p.item for p in batch])
         except Exception as e:  # the executor was shut down under us
-            self._running_since = None
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(BatchFailed(e))
             return
-        self._running, self._on_device = batch, fut
+        self._running[fut] = (batch, started)
 
         def landed(f: Future) -> None:  # on the device thread, as the handler returns
             ended = time.monotonic()
@@ -393,8 +398,7 @@ class DynamicBatcher(Generic[T, R]):
     def _landed(self, batch: list[_Pending], fut: Future, started: float, ended: float) -> None:
         """On the event loop, once the handler has returned: launch the batch the worker has
         gathered meanwhile, then answer this batch's callers."""
-        if self._on_device is fut:
-            self._running, self._on_device, self._running_since = None, None, None
+        self._running.pop(fut, None)
         waiter, self._launch_waiter = self._launch_waiter, None
         if waiter is not None and not waiter.done():
             try:

@@ -317,6 +317,7 @@ class FrontEndService(VQAService):
         self.predictor = await asyncio.to_thread(CheckpointView, self.settings.weights, info)  # type: ignore[assignment]
         self.version = info.get("version", "unknown")
         self.torch_threads = int(info.get("torch_threads", self.torch_threads))
+        self.forward_shards = int(info.get("forward_shards", self.forward_shards))
         self.batcher = self.remote  # type: ignore[assignment]
         m = self.metrics
         m.queue_depth.set_function(lambda: self.remote.queue_depth)

@@ -5,18 +5,21 @@ Glue between the generic batcher and the torch predictor: merges jobs about the 
 of GPU memory and retries the halves (an image that fails even alone fails only its own jobs),
 and fails only the jobs whose output is not finite.
 
-On CPU a batch can also be split into parts that run at once on threads of their own, each with
-fewer intra-op threads (``VQA_FORWARD_SHARDS``): VGG16 on small images and the LSTM's steps are
-many small operators, and one forward pass spread over every core by OpenMP spends much of its
-time in barriers and, under ``OMP_WAIT_POLICY=PASSIVE``, in waking its worker threads. Parts of
-the batch (whole images each), side by side, keep every core busy without either
-(docs/performance.md, *Batches split across the cores*).
+On CPU several batches can run at once, each on a thread of its own with fewer intra-op
+threads (``VQA_FORWARD_SHARDS`` lanes): VGG16 on small images and the LSTM's steps are many small
+operators, and one forward pass spread over every core by OpenMP spends much of its time in
+barriers and, under ``OMP_WAIT_POLICY=PASSIVE``, in waking its worker threads. Until 2026-12-05
+one batch was split into parts run side by side and joined; whenever the event loop or a decode
+thread took a core, the other part finished first and its core idled at the join. Independent
+batches have no join (docs/performance.md, *Batches on lanes*). A lone single-image batch still
+runs on every intra-op thread, on the forward thread, for its latency.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Executor, wait
+import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -55,46 +58,42 @@ def is_oom(e: BaseException) -> bool:
     )
 
 
-# A part of a split batch has at least this many images. Only a batch of one image runs whole
-# (one request at a time keeps its batch-1 latency on every intra-op thread). A batch of 2 or 3
-# ran 10-17% slower split than whole on 2 cores with OpenMP's default spinning (2x faster with
-# OMP_WAIT_POLICY=PASSIVE), but a whole batch leaves its OpenMP worker spinning on a core for a
-# while, which the next, split batch pays for: under load, batches of 2-3 are its stragglers.
-MIN_SHARD_IMAGES = 1
-
-
-def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
-    """Contiguous ``[start, end)`` parts of ``n`` items: at most ``shards`` parts of at least
-    MIN_SHARD_IMAGES items, sizes within one of each other (one part when ``n`` is too small)."""
-    k = max(1, min(shards, n // MIN_SHARD_IMAGES))
-    edges = [round(i * n / k) for i in range(k + 1)]
-    return list(zip(edges, edges[1:]))
-
-
 class BatchRunner:
     """Callable ``jobs -> [ImageAnswers | InferenceError]`` for :class:`DynamicBatcher`.
 
-    ``shard_pool``: threads that each run one part of a batch split ``shards`` ways (CPU only,
-    app/service.py sets them up); None runs every batch whole on the calling thread."""
+    ``whole_threads``: intra-op threads of a batch run on the calling thread (0: leave the
+    thread's count as it is). With lanes (several batches at once on CPU), ``lane_threads`` is
+    each lane's count and ``whole_pool`` the forward thread, with ``whole_threads``: a batch of
+    one image that starts while no other batch runs is handed to it, so a lone request keeps
+    its batch-1 latency on every core."""
 
     def __init__(self, predictor: Predictor, cache: FeatureCache | None = None,
-                 on_oom_split: Callable[[int], None] | None = None, shards: int = 1,
-                 shard_pool: Executor | None = None, whole_threads: int = 0, part_threads: int = 1) -> None:
+                 on_oom_split: Callable[[int], None] | None = None, whole_threads: int = 0,
+                 lane_threads: int = 0, whole_pool: Executor | None = None) -> None:
         self.predictor = predictor
         self.cache = cache
         self.on_oom_split = on_oom_split
-        self.shards = shards if shard_pool is not None else 1
-        self.shard_pool = shard_pool
-        # Intra-op threads for a batch run whole on the calling thread, and for the parts. Set
-        # before every run (a few microseconds): torch.set_num_threads also sets process-wide
-        # state (MKL's thread count), which the last caller decides -- a forward pass on 2
-        # threads after the parts' threads had set 1 took 8.5 ms instead of 6.5.
+        # Set before every run (a few microseconds): torch.set_num_threads also sets
+        # process-wide state (MKL's thread count), which the last caller decides -- a forward
+        # pass on 2 threads after the parts' threads had set 1 took 8.5 ms instead of 6.5.
         self.whole_threads = whole_threads
-        self.part_threads = part_threads
+        self.lane_threads = lane_threads
+        self.whole_pool = whole_pool
+        self._active = 0  # batches being run (lanes call at once)
+        self._lock = threading.Lock()
         # Test hook: called with the ImageQuestions list before every predictor.run.
         self.fault_injector: Callable[[list[ImageQuestions]], None] | None = None
 
     def __call__(self, jobs: Sequence[AnswerJob]) -> list[ImageAnswers | InferenceError]:
+        with self._lock:
+            self._active += 1
+        try:
+            return self._answer(jobs)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _answer(self, jobs: Sequence[AnswerJob]) -> list[ImageAnswers | InferenceError]:
         groups = self._merge(jobs)
         merged = [g[0] for g in groups]
         answers = self._run(merged)
@@ -122,24 +121,22 @@ class BatchRunner:
         return out
 
     def _forward(self, reqs: list[ImageQuestions]) -> list[ImageAnswers]:
-        """``predictor.run(reqs)``, split across the shard pool's threads when it has them and
-        the batch is large enough. Every part has finished before this returns or raises (the
-        next batch never overlaps a part still running); a failing part fails the batch, as a
-        failing whole batch does."""
-        bounds = shard_bounds(len(reqs), self.shards)  # one part without a shard pool
-        if len(bounds) == 1 or self.shard_pool is None:
+        """``predictor.run(reqs)`` on this lane's thread, or on the forward thread with every
+        intra-op thread for a lone batch of one image (see the class docstring)."""
+        if self.whole_pool is None:
             self.use_whole_threads()
             return list(self.predictor.run(reqs))
-        self._set_threads(self.part_threads)
-        parts = [self.shard_pool.submit(self.predictor.run, reqs[a:b]) for a, b in bounds]
-        wait(parts)
-        out: list[ImageAnswers] = []
-        for part in parts:
-            out.extend(part.result())  # raises the part's exception, if it failed
-        return out
+        if len(reqs) == 1 and self._active == 1:
+            return self.whole_pool.submit(self._run_whole, reqs).result()
+        self._set_threads(self.lane_threads)
+        return list(self.predictor.run(reqs))
+
+    def _run_whole(self, reqs: list[ImageQuestions]) -> list[ImageAnswers]:
+        self.use_whole_threads()
+        return list(self.predictor.run(reqs))
 
     def use_whole_threads(self) -> None:
-        """Before a forward (or backward) pass run whole on the calling (forward) thread: its
+        """Before a forward (or backward) pass run whole on the forward thread: its
         ``whole_threads`` intra-op threads (0: leave the thread's count as it is)."""
         self._set_threads(self.whole_threads)
 

@@ -87,7 +87,7 @@ class ModelServer:
     def status(self) -> dict:
         s = self.service
         b = s.batcher
-        started = getattr(b, "_running_since", None) if b is not None else None
+        started = b.busy_since if b is not None else None
         return {
             "op": "status", "loaded": s.loaded, "draining": s.draining,
             "healthy": bool(b is not None and b.healthy), "accepting": bool(b is not None and b.accepting),
@@ -102,7 +102,7 @@ class ModelServer:
         p = self.service.predictor
         return {"op": "info", "device": str(p.device), "dtype": p.dtype_name,  # type: ignore[union-attr]
                 "precision": p.precision, "torch_threads": self.service.torch_threads,  # type: ignore[union-attr]
-                "version": self.service.version, "kinds": list(KINDS)}
+                "forward_shards": self.service.forward_shards, "version": self.service.version, "kinds": list(KINDS)}
 
     async def _push_status(self) -> None:
         while True:

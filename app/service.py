@@ -34,7 +34,7 @@ from .cache import FeatureCache, image_key
 from .cpu import forward_threads
 from .errors import ApiError
 from .inflight import ByteBudget, Reservation
-from .inference import MIN_SHARD_IMAGES, AnswerJob, BatchRunner, InferenceError
+from .inference import AnswerJob, BatchRunner, InferenceError
 from .metrics import Metrics
 from .preprocessing import ImageError, decode_pixels
 from .settings import Settings
@@ -82,13 +82,13 @@ def _init_forward_thread(threads: int) -> None:
 
 
 def _warm_shards(pool: ThreadPoolExecutor, n: int, predictor: Predictor) -> None:
-    """One small forward pass on each of the ``n`` shard threads (a barrier makes each take
+    """One small forward pass on each of the ``n`` lane threads (a barrier makes each take
     one), so that no live batch meets a thread's first-call set-up."""
     barrier = threading.Barrier(n, timeout=60)
 
     def warm() -> None:
         barrier.wait()
-        predictor.warmup([MIN_SHARD_IMAGES])
+        predictor.warmup([2])
 
     for f in [pool.submit(warm) for _ in range(n)]:
         f.result()
@@ -106,7 +106,8 @@ class VQAService:
         # A pool whose results reach the event loop cheaply (app/threads.py: ~20 us of loop CPU
         # per request less than run_in_executor on a ThreadPoolExecutor).
         self._decode_pool = ThreadPool(max_workers=settings.decode_threads, thread_name_prefix="vqa-decode")
-        # Loading, warm-up and every forward pass run on this one thread. On CPU, torch's
+        # Loading, warm-up and every forward pass run on this one thread (on CPU with lanes, the
+        # lone single-image batches and explanations; batches run on the lanes). On CPU, torch's
         # OpenMP runtime keeps a worker team per thread that has run a parallel op; a second
         # team (e.g. from loading on another thread) leaves more OpenMP threads than cores, and
         # libgomp then stops spinning between parallel regions: a batch-1 forward pass took
@@ -144,19 +145,22 @@ class VQAService:
             p.use_batch_buckets(sizes)
         await loop.run_in_executor(self._forward_pool, p.warmup, sizes)
         self.forward_shards = self.shards_for(p)
-        per_shard = max(1, self.torch_threads // self.forward_shards)
+        per_lane = max(1, self.torch_threads // self.forward_shards)
         if self.forward_shards > 1:
+            # Lanes: batches run at once, each on its own thread of per_lane intra-op threads;
+            # the forward thread keeps every intra-op thread for a lone single-image batch.
             self._shard_pool = ThreadPoolExecutor(max_workers=self.forward_shards, thread_name_prefix="vqa-shard",
-                                                  initializer=_init_forward_thread, initargs=(per_shard,))
+                                                  initializer=_init_forward_thread, initargs=(per_lane,))
             await loop.run_in_executor(None, _warm_shards, self._shard_pool, self.forward_shards, p)
         self.runner = BatchRunner(p, self.cache if self.cache.enabled else None,
                                   on_oom_split=lambda n: self.metrics.oom_splits.inc(),
-                                  shards=self.forward_shards, shard_pool=self._shard_pool,
-                                  whole_threads=self.torch_threads, part_threads=per_shard)
+                                  whole_threads=self.torch_threads, lane_threads=per_lane,
+                                  whole_pool=self._forward_pool if self._shard_pool is not None else None)
         self.batcher = DynamicBatcher(self.runner, max_batch_size=s.max_batch_size,
                                       max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
                                       on_batch=self.metrics.observe_batch, on_skip=self._count_skip,
-                                      executor=self._forward_pool)
+                                      executor=self._shard_pool or self._forward_pool,
+                                      lanes=self.forward_shards)
         self.batcher.start()
         self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth if self.batcher else 0)
         self.metrics.inflight.set_function(lambda: self.inflight)
@@ -178,9 +182,9 @@ class VQAService:
                  self.torch_threads, self.forward_shards)
 
     def shards_for(self, p: Predictor) -> int:
-        """At most how many parts a batch is split into (VQA_FORWARD_SHARDS; CPU only)."""
+        """How many batches may run at once, each on a lane (VQA_FORWARD_SHARDS; CPU only)."""
         if p.device.type != "cpu":
-            return 1  # a GPU runs one batch at a time anyway: split, it would only queue the parts
+            return 1  # a GPU runs one batch at a time anyway: more lanes would only queue them
         n = self.settings.forward_shards or self.torch_threads
         return max(1, min(n, self.torch_threads))
 
@@ -211,8 +215,7 @@ class VQAService:
         if self.batcher is not None:
             drained = await self.batcher.stop(timeout_s=self.settings.shutdown_timeout_s)
             log.info("batcher stopped (%s)", "drained" if drained else "drain timed out")
-        else:
-            self._forward_pool.shutdown(wait=False, cancel_futures=True)
+        self._forward_pool.shutdown(wait=False, cancel_futures=True)
         await self.stop_decoding()
         if self._shard_pool is not None:
             self._shard_pool.shutdown(wait=False, cancel_futures=True)
@@ -262,7 +265,7 @@ class VQAService:
             return ApiError(503, "unavailable", f"service not ready: {self.not_ready_reason()}",
                             headers={"Retry-After": "1"})
         s = self.settings
-        if self.inflight >= s.max_queue + s.max_batch_size:
+        if self.inflight >= s.max_queue + self.forward_shards * s.max_batch_size:  # a batch per lane
             return self.overloaded("server is at capacity")
         # Every admitted request (uploading, decoding, queued or on the device) is ahead of this
         # one: refuse now, before its body is read, if the model cannot reach it in time.
@@ -396,8 +399,9 @@ class VQAService:
         """Grad-CAM of the top answer for the image in ``data`` (``models/gradcam.py``).
 
         Always decodes the image, cached features or not (the heatmap needs the pixels), and
-        runs on the forward thread, between batches: the predictor's model is never used by
-        two threads at once. Call inside :meth:`explain_slot`."""
+        runs on the forward thread: between batches on a GPU; on CPU with lanes, beside the
+        batches on the lanes (Grad-CAM changes nothing in the model: its gradients stop at a
+        leaf of its own and grad mode is per thread). Call inside :meth:`explain_slot`."""
         assert self.predictor is not None
         start = time.perf_counter()
         pixels = await self._decode(data)

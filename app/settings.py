@@ -57,11 +57,11 @@ class Settings(BaseSettings):
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding images off the event loop")
     torch_threads: int = Field(0, ge=0, le=1024, description="intra-op threads of the forward pass; 0: the "
                                "container's CPU quota (cgroup cpu.max) if it has one, else the CPUs it may run on")
-    forward_shards: int = Field(0, ge=0, le=64, description="on CPU, a batch of two or more images is "
-                                "split into at most N parts run at once, each on its own thread with "
-                                "VQA_TORCH_THREADS / N intra-op threads (docs/performance.md); 0: on CPU as many "
-                                "parts as VQA_TORCH_THREADS, one intra-op thread each; on CUDA never; 1: batches "
-                                "are not split")
+    forward_shards: int = Field(0, ge=0, le=64, description="on CPU, lanes: up to N batches run at once, "
+                                "each on its own thread with VQA_TORCH_THREADS / N intra-op threads "
+                                "(docs/performance.md); a lone single-image batch still runs on every intra-op "
+                                "thread. 0: on CPU one lane per VQA_TORCH_THREADS, one intra-op thread each; on "
+                                "CUDA one lane; 1: one batch at a time")
     host: str = Field("127.0.0.1", description="vqa-serve bind address (0.0.0.0 in the container)")
     port: int = Field(8000, ge=0, le=65535, description="vqa-serve port")
     log_level: str = Field("info", description="log level: debug, info, warning, error")

@@ -52,6 +52,9 @@ def real_server(settings: dict[str, str] | None = None, forward_delay_s: float =
             Path(tmp, "sitecustomize.py").write_text(_SITECUSTOMIZE)
             path = [tmp, str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
             env.update(PYTHONPATH=os.pathsep.join(path), VQA_TEST_FORWARD_DELAY_S=str(forward_delay_s))
+            # A slow device runs one batch at a time, as a GPU does (on CPU the server would run
+            # a batch per lane at once: VQA_FORWARD_SHARDS).
+            env.setdefault("VQA_FORWARD_SHARDS", "1")
         srv = ServerProcess(env, log_path=log_path)
         srv.start()
         try:

@@ -302,6 +302,43 @@ def test_wrong_result_count_is_a_batch_failure():
 def test_invalid_configuration():
     with pytest.raises(ValueError):
         DynamicBatcher(lambda x: x, max_batch_size=0, max_wait_s=0, max_queue=1)
+    with pytest.raises(ValueError):
+        DynamicBatcher(lambda x: x, max_batch_size=1, max_wait_s=0, max_queue=1, lanes=0)
+
+
+def test_lanes_run_batches_at_once_and_the_queue_waits_for_a_free_one():
+    """lanes=2: a second batch starts while the first still runs (both handlers meet at a
+    barrier, which one lane at a time would never pass); a third waits for a free lane and
+    takes everything queued meanwhile."""
+    meet = threading.Barrier(2, timeout=GUARD_S)
+    rec = Recorder()
+
+    def handler(items):
+        if items[0] in ("a", "b"):
+            meet.wait()
+        return rec(items)
+
+    async def main():
+        b = make(handler, max_batch_size=4, lanes=2)
+        rec.gate.clear()
+        first = asyncio.create_task(b.submit("a", GUARD_S))
+        while b.running_items < 1:
+            await asyncio.sleep(0.001)
+        second = asyncio.create_task(b.submit("b", GUARD_S))
+        while b.running_items < 2:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(b.submit(i, GUARD_S)) for i in range(3)]
+        await asyncio.sleep(0.01)
+        queued = b.queue_depth
+        rec.gate.set()
+        results = await asyncio.gather(first, second, *rest)
+        await b.stop()
+        return queued, [r.value for r in results]
+
+    queued, values = run(main())
+    assert queued == 3  # both lanes busy: the rest waited
+    assert values == ["answer:a", "answer:b", "answer:0", "answer:1", "answer:2"]
+    assert sorted(len(x) for x in rec.batches) == [1, 1, 3]
 
 
 def test_an_error_escaping_a_batch_fails_its_items_at_once():

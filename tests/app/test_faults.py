@@ -29,7 +29,8 @@ def test_dead_worker_turns_not_ready_and_fails_fast(caplog):
 
     async def main():
         # A deadline far beyond the guard below: a request that hung until it would fail the test.
-        async with running_app(request_timeout_s=600) as (app, client):
+        # One lane: with two, the queued requests would run beside the first.
+        async with running_app(request_timeout_s=600, forward_shards=1) as (app, client):
             svc = app.state.service
             assert (await client.get("/readyz")).status_code == 200
             svc.runner.fault_injector = hold

@@ -1,6 +1,7 @@
-"""Batches split across threads on CPU (VQA_FORWARD_SHARDS, app/inference.py): the same answers
-as one whole forward pass, in order; small batches stay whole; a failing part fails the batch
-only once every part has finished; each kind of run gets its own intra-op thread count."""
+"""Lanes on CPU (VQA_FORWARD_SHARDS, app/inference.py): batches on lane threads of one intra-op
+thread each answer as one whole forward pass does, in order; a lone single-image batch runs on
+the forward thread with every intra-op thread, one beside a running batch stays on its lane; a
+failing batch fails alone."""
 
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from app.inference import MIN_SHARD_IMAGES, AnswerJob, BatchRunner, shard_bounds
+from app.inference import AnswerJob, BatchRunner
 from app.service import VQAService
 from app.metrics import Metrics
 from models import ImageAnswers, Predictor
@@ -52,63 +53,84 @@ class _Recorder:
         return out
 
 
-def test_shard_bounds_are_contiguous_balanced_and_not_too_small():
-    for n in range(1, 40):
-        for shards in (1, 2, 3, 4):
-            b = shard_bounds(n, shards)
-            assert b[0][0] == 0 and b[-1][1] == n
-            assert all(x[1] == y[0] for x, y in zip(b, b[1:]))
-            sizes = [e - s for s, e in b]
-            assert max(sizes) - min(sizes) <= 1
-            assert len(b) == max(1, min(shards, n // MIN_SHARD_IMAGES))
-    assert shard_bounds(1, 2) == [(0, 1)]  # one image: whole
-    assert shard_bounds(3, 2) == [(0, 2), (2, 3)]
-    assert shard_bounds(4, 2) == [(0, 2), (2, 4)]
-
-
-def test_a_split_batch_answers_like_the_whole_batch_in_order(tiny_checkpoint):
+def test_a_batch_on_a_lane_answers_like_the_whole_batch_in_order(tiny_checkpoint):
     p = Predictor(tiny_checkpoint, device="cpu")
     jobs = _jobs(p, 7)
     whole = BatchRunner(p)(jobs)
     rec = _Recorder(p)
     forward = ThreadPoolExecutor(1, thread_name_prefix="fwd")
-    pool = ThreadPoolExecutor(2, thread_name_prefix="part")
-    runner = BatchRunner(p, shards=2, shard_pool=pool, whole_threads=2, part_threads=1)
+    lanes = ThreadPoolExecutor(2, thread_name_prefix="lane")
+    runner = BatchRunner(p, whole_threads=2, lane_threads=1, whole_pool=forward)
     try:
-        split = forward.submit(runner, jobs).result()
-        assert sorted(n for _, n, _ in rec.calls) == [4, 4]  # 8 distinct images: two parts of 4
-        assert all(name.startswith("part") for name, _, _ in rec.calls)
-        assert [t for _, _, t in rec.calls] == [1, 1]
-        assert forward.submit(torch.get_num_threads).result() == 1  # set for the parts' run
+        on_lane = lanes.submit(runner, jobs).result()
+        assert rec.calls == [(rec.calls[0][0], 8, 1)]  # 8 distinct images, one pass, one thread
+        assert rec.calls[0][0].startswith("lane")
         rec.calls.clear()
-        small = forward.submit(runner, jobs[:1]).result()  # one image: whole, here, every thread
+        lone = lanes.submit(runner, jobs[:1]).result()  # alone, one image: forward thread, every thread
         assert rec.calls == [(rec.calls[0][0], 1, 2)] and rec.calls[0][0].startswith("fwd")
     finally:
         forward.shutdown()
-        pool.shutdown()
-    assert len(split) == len(whole)
-    for a, b in zip(split, whole):
+        lanes.shutdown()
+    assert len(on_lane) == len(whole)
+    for a, b in zip(on_lane, whole):
         assert isinstance(a, ImageAnswers) and isinstance(b, ImageAnswers)
         assert a.probs.shape == b.probs.shape
         assert torch.allclose(a.probs, b.probs, atol=1e-5)
         assert a.encoded == b.encoded
-    assert [isinstance(x, ImageAnswers) for x in small] == [True]
+    assert [isinstance(x, ImageAnswers) for x in lone] == [True]
 
 
-def test_a_failing_part_fails_the_batch_after_every_part_finished(tiny_checkpoint):
+def test_a_single_image_beside_a_running_batch_stays_on_its_lane(tiny_checkpoint):
+    """Only a batch that starts alone goes to the forward thread: beside another batch it would
+    put a second OpenMP team on the cores the other lane is using."""
+    p = Predictor(tiny_checkpoint, device="cpu")
+    gate, started = threading.Event(), threading.Event()
+    rec = _Recorder(p)
+    inner = rec.run
+
+    def held(reqs):
+        if len(reqs) > 1:
+            started.set()
+            gate.wait(30)
+        return inner(reqs)
+
+    rec.run = held
+    forward = ThreadPoolExecutor(1, thread_name_prefix="fwd")
+    lanes = ThreadPoolExecutor(2, thread_name_prefix="lane")
+    runner = BatchRunner(p, whole_threads=2, lane_threads=1, whole_pool=forward)
+    try:
+        big = lanes.submit(runner, _jobs(p, 4))
+        assert started.wait(30)
+        single = lanes.submit(runner, _jobs(p, 1)[:1]).result(30)
+        gate.set()
+        big.result(30)
+    finally:
+        gate.set()
+        forward.shutdown()
+        lanes.shutdown()
+    assert isinstance(single[0], ImageAnswers)
+    (name, n, threads), = [c for c in rec.calls if c[1] == 1]
+    assert name.startswith("lane") and threads == 1
+
+
+def test_a_failing_batch_on_a_lane_fails_only_that_batch(tiny_checkpoint):
     p = Predictor(tiny_checkpoint, device="cpu")
     rec = _Recorder(p, fail_on=1)
-    pool = ThreadPoolExecutor(2, thread_name_prefix="part")
-    runner = BatchRunner(p, shards=2, shard_pool=pool, whole_threads=2, part_threads=1)
+    forward = ThreadPoolExecutor(1, thread_name_prefix="fwd")
+    lanes = ThreadPoolExecutor(2, thread_name_prefix="lane")
+    runner = BatchRunner(p, whole_threads=2, lane_threads=1, whole_pool=forward)
     try:
         with pytest.raises(RuntimeError, match="this part failed"):
-            runner(_jobs(p, 5))
-        assert rec.finished == [3]  # the other part (3 of 6 images) had finished by then
+            lanes.submit(runner, _jobs(p, 5)).result(30)
+        again = lanes.submit(runner, _jobs(p, 3)).result(30)
+        assert runner._active == 0
     finally:
-        pool.shutdown()
+        forward.shutdown()
+        lanes.shutdown()
+    assert all(isinstance(x, ImageAnswers) for x in again)
 
 
-def test_the_service_splits_on_cpu_only_and_as_configured(tiny_checkpoint):
+def test_the_service_runs_lanes_on_cpu_only_and_as_configured(tiny_checkpoint):
     p = Predictor(tiny_checkpoint, device="cpu")
     auto = VQAService(make_settings(torch_threads=2), Metrics(), predictor=p)
     assert auto.shards_for(p) == 2
@@ -121,13 +143,13 @@ def test_the_service_splits_on_cpu_only_and_as_configured(tiny_checkpoint):
     assert auto.shards_for(OnCuda()) == 1  # type: ignore[arg-type]
 
 
-def test_a_running_service_has_its_part_threads_warm(tiny_weights):
+def test_a_running_service_has_its_lanes_warm(tiny_weights):
     async def scenario():
         async with running_app(weights=str(tiny_weights), torch_threads=2) as (app, client):
             svc = app.state.service
             names = sorted(t.name for t in threading.enumerate() if t.name.startswith("vqa-shard"))
-            return svc.forward_shards, svc.runner.shards, names
+            return svc.forward_shards, svc.batcher.lanes, svc.runner.lane_threads, names
 
-    shards, runner_shards, names = run(scenario())
-    assert shards == runner_shards == 2
+    shards, lanes, lane_threads, names = run(scenario())
+    assert shards == lanes == 2 and lane_threads == 1
     assert len(names) == 2

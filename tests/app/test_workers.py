@@ -93,6 +93,7 @@ class _Gate:
 
 
 async def _model_and_front_ends(n: int, **settings):
+    settings.setdefault("forward_shards", 1)  # one batch at a time (one lane), as on a GPU
     svc = VQAService(make_settings(**settings), Metrics())
     tmp = tempfile.mkdtemp(prefix="vqa-test-ipc-")
     server = ModelServer(svc, str(Path(tmp, "model.sock")))

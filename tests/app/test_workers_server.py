@@ -60,8 +60,9 @@ def workers_server(settings: dict[str, str], delay_s: float = 0.0):
         delay = Path(tmp, "delay")
         delay.write_text(str(delay_s))
         path = [tmp, str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+        # One lane: the delayed device runs one batch at a time, as a GPU does.
         env = {"VQA_DEVICE": "cpu", "VQA_WORKERS": "2", "PYTHONPATH": os.pathsep.join(path),
-               "VQA_TEST_DELAY_FILE": str(delay), **settings}
+               "VQA_TEST_DELAY_FILE": str(delay), "VQA_FORWARD_SHARDS": "1", **settings}
         srv = ServerProcess(env, log_path=Path(tmp, "server.log"))
         srv.delay_file = delay  # type: ignore[attr-defined]
         srv.start()
