@@ -65,13 +65,17 @@ if _spec:
 
 def simulated_env(directory: Path, a_ms: float = DEFAULT_A_MS, b_ms: float = DEFAULT_B_MS) -> dict[str, str]:
     """Write the sitecustomize into ``directory``; the environment variables that give a
-    server started from there the simulated device."""
+    server started from there the simulated device. It runs one batch at a time, as the
+    server runs a GPU: the server itself runs on ``VQA_DEVICE=cpu``, where it would otherwise
+    run a batch per lane at once (VQA_FORWARD_SHARDS), a device several times the modelled one
+    (until 2026-12-05 it split each batch in two parts that slept side by side, each
+    ``a + b × half``)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "sitecustomize.py").write_text(SITECUSTOMIZE)
     from .server import REPO
 
     path = [str(directory), str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
-    return {"PYTHONPATH": os.pathsep.join(path), ENV: f"{a_ms},{b_ms}"}
+    return {"PYTHONPATH": os.pathsep.join(path), ENV: f"{a_ms},{b_ms}", "VQA_FORWARD_SHARDS": "1"}
 
 
 def forward_ms(batch: int, a_ms: float = DEFAULT_A_MS, b_ms: float = DEFAULT_B_MS) -> float:

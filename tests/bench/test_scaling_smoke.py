@@ -17,6 +17,14 @@ def test_simulated_device_constants_are_the_documented_fit():
     assert simdevice.DEFAULT_B_MS == pytest.approx(simdevice.V100_FP16_B_MS / simdevice.ASSUMED_SPEEDUP)
 
 
+def test_the_simulated_device_runs_one_batch_at_a_time(tmp_path):
+    """A GPU runs one batch at a time (the server gives it one lane); the simulated device runs
+    in a server on VQA_DEVICE=cpu, which would otherwise run a batch per core at once."""
+    env = simdevice.simulated_env(tmp_path)
+    assert env["VQA_FORWARD_SHARDS"] == "1"
+    assert (tmp_path / "sitecustomize.py").exists()
+
+
 @pytest.mark.slow
 def test_scaling_suite_compares_worker_counts_on_the_simulated_device(tmp_path):
     out = tmp_path / "scaling.json"
