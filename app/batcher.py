@@ -3,7 +3,8 @@
 Generic on purpose: it knows nothing of HTTP or torch. ``submit(item)`` enqueues one item and
 waits for its result; a worker task closes a batch at ``max_batch_size`` items or
 ``max_wait_s`` after its first item, and runs ``handler(items) -> results`` on one dedicated
-thread (the thread that owns the device). While a batch runs, the next one is gathered.
+thread (the thread that owns the device), or with ``lanes=N`` up to N batches at once on N
+threads (CPU: app/inference.py). While every lane is busy, the next batch is gathered.
 
 Policies, each tested in ``tests/app/test_batcher.py``:
 
