@@ -75,7 +75,7 @@ class BatchRunner:
         self.on_oom_split = on_oom_split
         # Set before every run (a few microseconds): torch.set_num_threads also sets
         # process-wide state (MKL's thread count), which the last caller decides -- a forward
-        # pass on 2 threads after the parts' threads had set 1 took 8.5 ms instead of 6.5.
+        # pass on 2 threads after another thread had set 1 took 8.5 ms instead of 6.5.
         self.whole_threads = whole_threads
         self.lane_threads = lane_threads
         self.whole_pool = whole_pool
@@ -124,8 +124,7 @@ class BatchRunner:
         """``predictor.run(reqs)`` on this lane's thread, or on the forward thread with every
         intra-op thread for a lone batch of one image (see the class docstring)."""
         if self.whole_pool is None:
-            self.use_whole_threads()
-            return list(self.predictor.run(reqs))
+            return self._run_whole(reqs)
         if len(reqs) == 1 and self._active == 1:
             return self.whole_pool.submit(self._run_whole, reqs).result()
         self._set_threads(self.lane_threads)
