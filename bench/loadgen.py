@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import httptools
 import numpy as np
 
-from .proc import TreeSnapshot, cpu_breakdown, process_tree
+from .proc import TreeSnapshot, cpu_breakdown, host_cpu_seconds, host_cpu_shares, process_tree
 from .workloads import PreparedRequest
 
 
@@ -49,6 +49,7 @@ class _Sent:
     cpu_s: float  # this process
     server_cpu_s: float | None
     server_threads: dict | None  # bench.proc.cpu_breakdown of the server's process tree
+    host: tuple[dict, dict]  # bench.proc.host_cpu_seconds before and after
 
 
 def process_cpu_seconds(pid: int) -> float | None:
@@ -181,14 +182,17 @@ async def _send_all(base_url: str, requests: Sequence[PreparedRequest], concurre
 
     threads0 = TreeSnapshot.take(server_pid)
     server0 = process_cpu_seconds(server_pid) if server_pid else None
+    host0 = host_cpu_seconds()
     cpu0, started = time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(requests)))))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu0
+    host1 = host_cpu_seconds()
     server1 = process_cpu_seconds(server_pid) if server_pid else None
     threads1 = TreeSnapshot.take(server_pid)
     server_cpu = server1 - server0 if server0 is not None and server1 is not None else None
     return _Sent(outcomes, wall, cpu, server_cpu,  # type: ignore[arg-type]
-                 cpu_breakdown(threads0, threads1, len(requests), roles) if server_pid else None)
+                 cpu_breakdown(threads0, threads1, len(requests), roles) if server_pid else None,
+                 (host0, host1))
 
 
 def percentiles_ms(values_s: Sequence[float]) -> dict[str, float | None]:
@@ -242,6 +246,8 @@ def run_cell(base_url: str, requests: Sequence[PreparedRequest], concurrency: in
         },
         # Per process of the server's tree: main thread (the event loop) and other threads.
         "server_threads": sent.server_threads,
+        # The whole machine over the cell (shares of wall × CPUs): busy, idle, stolen.
+        "host_cpu": host_cpu_shares(*sent.host, wall, os.cpu_count() or 1),
     }
     if timed:
         cell["server_timing_ms"] = {

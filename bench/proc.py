@@ -41,6 +41,41 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return out
 
 
+HOST_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def host_cpu_seconds(stat_text: str | None = None) -> dict[str, float]:
+    """The whole machine's CPU seconds by state since boot (the ``cpu`` line of
+    ``/proc/stat``: user, nice, system, idle, iowait, irq, softirq, steal), summed over its
+    CPUs; {} off Linux."""
+    if stat_text is None:
+        try:
+            with open("/proc/stat") as f:
+                stat_text = f.readline()
+        except OSError:
+            return {}
+    fields = stat_text.split()
+    if not fields or fields[0] != "cpu":
+        return {}
+    return {name: int(v) / _TICK for name, v in zip(HOST_FIELDS, fields[1:])}
+
+
+def host_cpu_shares(before: dict[str, float], after: dict[str, float], wall_s: float,
+                    cpu_count: int) -> dict[str, float] | None:
+    """What the machine's CPUs did between two ``host_cpu_seconds`` readings, as shares of
+    ``wall_s × cpu_count``: ``idle`` (idle + iowait: nothing to run, whoever's the cause),
+    ``steal`` (taken by the hypervisor: another guest ran), ``busy`` (the rest). Idle CPU
+    while requests are in flight means the server waits on itself (a lock, the GIL, a
+    pipeline stage), not for the CPU."""
+    if not before or not after or wall_s <= 0:
+        return None
+    d = {k: after[k] - before[k] for k in HOST_FIELDS if k in before and k in after}
+    capacity = wall_s * cpu_count
+    idle = (d.get("idle", 0.0) + d.get("iowait", 0.0)) / capacity
+    steal = d.get("steal", 0.0) / capacity
+    return {"busy": max(0.0, 1.0 - idle - steal), "idle": idle, "steal": steal}
+
+
 def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (from every thread's ``children`` file)."""
     out: list[int] = []

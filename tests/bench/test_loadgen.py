@@ -125,3 +125,17 @@ def test_nothing_listening_fails_every_request_fast():
                     timeout_s=5)
     assert cell["statuses"] == {"0": 3}
     assert cell["requests_per_s"] == pytest.approx(0.0)
+
+
+def test_host_cpu_shares_are_read_from_proc_stat_lines():
+    from bench.proc import _TICK, host_cpu_seconds, host_cpu_shares
+
+    # 2 CPUs for 1 s: 0.5 CPU-s idle (+ 0.1 iowait), 0.2 stolen, the rest busy.
+    t = _TICK
+    before = host_cpu_seconds("cpu  100 0 50 1000 10 0 5 20 0 0\n")
+    after = host_cpu_seconds(f"cpu  {100 + 0.9 * t:.0f} 0 {50 + 0.3 * t:.0f} {1000 + 0.5 * t:.0f} "
+                             f"{10 + 0.1 * t:.0f} 0 5 {20 + 0.2 * t:.0f} 0 0\n")
+    shares = host_cpu_shares(before, after, wall_s=1.0, cpu_count=2)
+    assert shares == pytest.approx({"busy": 0.6, "idle": 0.3, "steal": 0.1})
+    assert host_cpu_seconds("intr 1 2 3") == {} and host_cpu_shares({}, after, 1.0, 2) is None
+    assert set(host_cpu_seconds()) >= {"idle", "steal"}  # this machine's own /proc/stat

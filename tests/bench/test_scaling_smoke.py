@@ -36,7 +36,9 @@ def test_scaling_suite_compares_worker_counts_on_the_simulated_device(tmp_path):
     for n, s in part["summary"].items():
         assert s["ok"] == s["requests"] == 64, n
         assert s["batch_size_mean"] >= 1
+        assert 0 <= s["host_idle_share"] <= 1 and 0 <= s["host_steal_share"] <= 1, n
     roles2 = part["summary"]["2"]["server_cpu_ms_per_request"]
     assert "front" in roles2 and "model" in roles2  # two front ends and the model process charged
     assert "server" in part["summary"]["1"]["server_cpu_ms_per_request"]
-    assert "× VQA_WORKERS=1" in scaling.render(results)
+    assert part["ratio_median"]["2"] == pytest.approx(part["ratio_per_round"]["2"][0])  # one round
+    assert "× VQA_WORKERS=1" in scaling.render(results) and "machine CPU idle" in scaling.render(results)
