@@ -108,6 +108,16 @@ def write_section(doc: Path, name: str, body: str) -> None:
     doc.write_text(replace_section(doc.read_text(), name, wrap(_sections()[name], body), str(doc)))
 
 
+def section_for_results(path: Path) -> str | None:
+    """The section rendered from the one results file ``path`` alone, if one is registered."""
+    try:
+        rel = str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return None
+    found = [s.name for s in _sections().values() if s.results == (rel,)]
+    return found[0] if len(found) == 1 else None
+
+
 def render_doc(text: str, where: str = "text") -> str:
     """``text`` with every generated section re-rendered. Refuses unknown or unpaired markers, so
     a misspelt marker cannot leave hand-typed figures unchecked."""

@@ -70,3 +70,22 @@ def test_vqa_bench_doc_update_writes_what_docgen_renders(tmp_path):
     doc.write_text("x\n<!-- vqa-bench:cpu:begin -->\nstale\n<!-- vqa-bench:cpu:end -->\n")
     update_doc(doc, docgen.load("bench/results/cpu.json"), RESULTS / "cpu.json")
     assert doc.read_text() == docgen.render_doc("x\n<!-- vqa-bench:cpu:begin --><!-- vqa-bench:cpu:end -->\n")
+
+
+def test_drain_render_writes_the_section_of_its_results_file(tmp_path):
+    """``vqa-bench drain --render FILE DOC`` puts a VQA_WORKERS=2 run into its own section."""
+    from bench import drain
+
+    assert docgen.section_for_results(RESULTS / "drain-workers2.json") == "vqa-bench:drain-workers2"
+    assert docgen.section_for_results(RESULTS / "drain.json") == "vqa-bench:drain"
+    assert docgen.section_for_results(tmp_path / "elsewhere.json") is None
+    empty = ("<!-- vqa-bench:drain:begin --><!-- vqa-bench:drain:end -->\n"
+             "<!-- vqa-bench:drain-workers2:begin --><!-- vqa-bench:drain-workers2:end -->\n")
+    doc = tmp_path / "doc.md"
+    for results in ("drain.json", "drain-workers2.json"):
+        doc.write_text(empty)
+        assert drain.main(["--render", str(RESULTS / results), str(doc)]) == 0
+        name = docgen.section_for_results(RESULTS / results)
+        other = ({"vqa-bench:drain", "vqa-bench:drain-workers2"} - {name}).pop()
+        assert f"<!-- {other}:begin --><!-- {other}:end -->" in doc.read_text()  # untouched
+        assert doc.read_text() == docgen.replace_section(empty, name, docgen.render_section(name))
