@@ -118,6 +118,29 @@ def section_for_results(path: Path) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def publish(results: dict, output: Path, section: str, render: Callable[[dict], str],
+            doc: Path | None = None) -> None:
+    """The end of a benchmark run: write ``results`` to ``output`` (JSON), print the section's
+    markdown and, with ``doc``, put it into that document's section ``section``."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=1) + "\n")
+    text = render(results)
+    print(text, end="" if text.endswith("\n") else "\n")
+    if doc is not None:
+        write_section(doc, section, text)
+
+
+def rerender(argv: list[str], render: Callable[[dict], str], section: str) -> int:
+    """``vqa-bench X --render RESULTS [DOC]``: print the section rendered from a results file,
+    or write it into DOC's section for that file (``section`` when none is registered for it)."""
+    results = json.loads(Path(argv[1]).read_text())
+    if len(argv) > 2:
+        write_section(Path(argv[2]), section_for_results(Path(argv[1])) or section, render(results))
+    else:
+        print(render(results), end="")
+    return 0
+
+
 def render_doc(text: str, where: str = "text") -> str:
     """``text`` with every generated section re-rendered. Refuses unknown or unpaired markers, so
     a misspelt marker cannot leave hand-typed figures unchecked."""

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from . import machine
+from . import docgen, machine
 from .server import REPO, ServerProcess
 from .workloads import ImageFormat, ImageStream, answer_request
 
@@ -132,23 +132,11 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_doc(doc: Path, results: dict, section: str = "vqa-bench:drain") -> None:
-    from .docgen import write_section  # the same text `python -m bench.docgen` renders
-    write_section(doc, section, render(results))
-
-
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if argv[:1] == ["--render"]:  # re-render the doc section of a results file
-        from .docgen import section_for_results
-
-        results = json.loads(Path(argv[1]).read_text())
-        if len(argv) > 2:  # e.g. drain-workers2.json has its own section
-            update_doc(Path(argv[2]), results, section_for_results(Path(argv[1])) or "vqa-bench:drain")
-        else:
-            print(render(results), end="")
-        return 0
+    if argv[:1] == ["--render"]:  # e.g. drain-workers2.json has its own section
+        return docgen.rerender(argv, render, "vqa-bench:drain")
     p = argparse.ArgumentParser(prog="vqa-bench drain", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--requests", type=int, default=400)

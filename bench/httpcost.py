@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import shlex
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import machine
+from . import docgen, machine
 from .loadgen import run_cell
 from .server import REPO, ServerProcess
 from .workloads import ImageFormat, ImageStream, miss_workload
@@ -159,19 +158,12 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_doc(doc: Path, results: dict) -> None:
-    from .docgen import write_section  # the same text `python -m bench.docgen` renders
-
-    write_section(doc, "vqa-bench:http", render(results))
-
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--render"]:  # re-render the doc section from a results file
-        results = json.loads(Path(argv[1]).read_text())
-        update_doc(Path(argv[2]), results) if len(argv) > 2 else print(render(results), end="")
-        return 0
+        return docgen.rerender(argv, render, "vqa-bench:http")
     args = parse_args(argv)
     started = time.perf_counter()
     results = {"schema": SCHEMA, "label": args.label,
@@ -183,12 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     results.update(measure(args))
     results["load_average_end"] = machine.load_average()
     results["duration_s"] = time.perf_counter() - started
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1) + "\n")
+    docgen.publish(results, args.output, "vqa-bench:http", render, args.doc)
     log(f"results: {args.output}")
-    print(render(results), end="")
-    if args.doc is not None:
-        update_doc(args.doc, results)
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import machine
+from . import docgen, machine
 from .loadgen import run_cell
 from .proc import process_tree
 from .server import REPO, ServerProcess
@@ -135,11 +135,6 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_doc(doc: Path, results: dict) -> None:
-    from .docgen import write_section  # the same text `python -m bench.docgen` renders
-
-    write_section(doc, "vqa-bench:litserve", render(results))
-
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
@@ -167,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                "rounds": args.rounds, "concurrency": args.concurrency}
     results["environments"] = measure(args)
     results["load_average_end"] = machine.load_average()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1) + "\n")
-    print(render(results), end="")
-    if args.doc is not None:
-        update_doc(args.doc, results)
+    docgen.publish(results, args.output, "vqa-bench:litserve", render, args.doc)
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import shlex
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import numpy as np
 
 from app.workers import process_role
 
-from . import machine, simdevice
+from . import docgen, machine, simdevice
 from .loadgen import run_cell
 from .server import REPO, ServerProcess
 from .workloads import ImageFormat, ImageStream, miss_workload
@@ -187,19 +186,12 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def update_doc(doc: Path, results: dict) -> None:
-    from .docgen import write_section  # the same text `python -m bench.docgen` renders
-
-    write_section(doc, "vqa-bench:scaling", render(results))
-
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--render"]:
-        results = json.loads(Path(argv[1]).read_text())
-        update_doc(Path(argv[2]), results) if len(argv) > 2 else print(render(results), end="")
-        return 0
+        return docgen.rerender(argv, render, "vqa-bench:scaling")
     args = parse_args(argv)
     started = time.perf_counter()
     try:
@@ -219,12 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             results["parts"][part] = measure_part(part, args, stream, Path(tmp))
     results["load_average_end"] = machine.load_average()
     results["duration_s"] = time.perf_counter() - started
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1) + "\n")
+    docgen.publish(results, args.output, "vqa-bench:scaling", render, args.doc)
     log(f"results: {args.output}")
-    print(render(results), end="")
-    if args.doc is not None:
-        update_doc(args.doc, results)
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import machine
+from . import docgen, machine
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = {"default": None, "PASSIVE": "PASSIVE"}
@@ -194,13 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(results["policies"].values()))
     results.update(threads=first["threads"], model=first["model"], image_size=first["image_size"],
                    duration_s=time.time() - started)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1) + "\n")
-    text = render(results)
-    print(text)
-    if args.doc is not None:
-        from .docgen import write_section
-        write_section(args.doc, "vqa-bench:shards", text)
+    docgen.publish(results, args.output, "vqa-bench:shards", render, args.doc)
     return 0
 
 
