@@ -81,7 +81,7 @@ def _init_forward_thread(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _warm_shards(pool: ThreadPoolExecutor, n: int, predictor: Predictor) -> None:
+def _warm_lanes(pool: ThreadPoolExecutor, n: int, predictor: Predictor) -> None:
     """One small forward pass on each of the ``n`` lane threads (a barrier makes each take
     one), so that no live batch meets a thread's first-call set-up."""
     barrier = threading.Barrier(n, timeout=60)
@@ -119,7 +119,7 @@ class VQAService:
         # On CPU, batches of two or more images are split across threads of one intra-op thread
         # each (app/inference.py, VQA_FORWARD_SHARDS); the pool is made once the device is known.
         self.forward_shards = 1
-        self._shard_pool: ThreadPoolExecutor | None = None
+        self._lane_pool: ThreadPoolExecutor | None = None
         self.loaded = False
         self.draining = False
         self.inflight = 0  # admitted /v1 requests not yet answered (the admission bound)
@@ -149,17 +149,17 @@ class VQAService:
         if self.forward_shards > 1:
             # Lanes: batches run at once, each on its own thread of per_lane intra-op threads;
             # the forward thread keeps every intra-op thread for a lone single-image batch.
-            self._shard_pool = ThreadPoolExecutor(max_workers=self.forward_shards, thread_name_prefix="vqa-shard",
+            self._lane_pool = ThreadPoolExecutor(max_workers=self.forward_shards, thread_name_prefix="vqa-lane",
                                                   initializer=_init_forward_thread, initargs=(per_lane,))
-            await loop.run_in_executor(None, _warm_shards, self._shard_pool, self.forward_shards, p)
+            await loop.run_in_executor(None, _warm_lanes, self._lane_pool, self.forward_shards, p)
         self.runner = BatchRunner(p, self.cache if self.cache.enabled else None,
                                   on_oom_split=lambda n: self.metrics.oom_splits.inc(),
                                   whole_threads=self.torch_threads, lane_threads=per_lane,
-                                  whole_pool=self._forward_pool if self._shard_pool is not None else None)
+                                  whole_pool=self._forward_pool if self._lane_pool is not None else None)
         self.batcher = DynamicBatcher(self.runner, max_batch_size=s.max_batch_size,
                                       max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
                                       on_batch=self.metrics.observe_batch, on_skip=self._count_skip,
-                                      executor=self._shard_pool or self._forward_pool,
+                                      executor=self._lane_pool or self._forward_pool,
                                       lanes=self.forward_shards)
         self.batcher.start()
         self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth if self.batcher else 0)
@@ -217,8 +217,8 @@ class VQAService:
             log.info("batcher stopped (%s)", "drained" if drained else "drain timed out")
         self._forward_pool.shutdown(wait=False, cancel_futures=True)
         await self.stop_decoding()
-        if self._shard_pool is not None:
-            self._shard_pool.shutdown(wait=False, cancel_futures=True)
+        if self._lane_pool is not None:
+            self._lane_pool.shutdown(wait=False, cancel_futures=True)
         gc.unfreeze()
 
     async def stop_decoding(self) -> None:

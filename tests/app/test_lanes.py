@@ -147,7 +147,7 @@ def test_a_running_service_has_its_lanes_warm(tiny_weights):
     async def scenario():
         async with running_app(weights=str(tiny_weights), torch_threads=2) as (app, client):
             svc = app.state.service
-            names = sorted(t.name for t in threading.enumerate() if t.name.startswith("vqa-shard"))
+            names = sorted(t.name for t in threading.enumerate() if t.name.startswith("vqa-lane"))
             return svc.forward_shards, svc.batcher.lanes, svc.runner.lane_threads, names
 
     shards, lanes, lane_threads, names = run(scenario())

@@ -49,7 +49,7 @@ def test_model_work_runs_on_the_forward_thread_only(monkeypatch):
     threads = seen["load"] | seen["warmup"] | seen["run"]
     assert all(seen.values()), seen
     assert main_thread not in threads, seen
-    assert {t for t in threads if not t.startswith("vqa-shard")} == {"vqa-forward_0"}, seen
+    assert {t for t in threads if not t.startswith("vqa-lane")} == {"vqa-forward_0"}, seen
     assert seen["load"] == {"vqa-forward_0"}
     # Only the forward thread runs with more than one intra-op thread (one OpenMP team).
     assert {t for t, n in teams if n > 1} <= {"vqa-forward_0"}, teams
