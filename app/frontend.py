@@ -286,6 +286,12 @@ class _Only(_Without):
 class FrontEndService(VQAService):
     """:class:`VQAService` for a front-end process (see the module's docstring)."""
 
+    # Small images are decoded on the event loop: the front ends are processes that share the
+    # cores, so a decode thread adds no parallelism here, only GIL hand-offs with the loop
+    # (docs/scaling.md has the measurements). A 128x128 upload decodes in well under 1 ms of
+    # loop time (64x64 easy-VQA images in 0.2-0.3 ms); larger ones still go to the threads.
+    INLINE_DECODE_PIXELS = 128 * 128
+
     def __init__(self, settings: Settings, socket_path: str, inflight: SharedCounter,
                  metrics: Metrics | None = None, started: SharedCounter | None = None,
                  front_ends: int = 1) -> None:

@@ -115,8 +115,13 @@ def decode_pixels(
     max_pixels: int,
     max_bytes: int | None = None,
     transform: ImageTransform | None = None,
-) -> torch.Tensor:
+    defer_above: int | None = None,
+) -> torch.Tensor | None:
     """Untrusted image bytes -> uint8 ``[3, image_size, image_size]`` RGB pixels.
+
+    ``defer_above``: if the image's header declares more pixels than this (and no more than
+    ``max_pixels``), return None without decoding it: the caller decodes small images where it
+    stands and hands large ones to a thread.
 
     ``transform`` (the checkpoint's, ``model.cfg.image.transform``) says how to resize; given
     only ``image_size``, the project's default transform at that size is used.
@@ -147,7 +152,9 @@ def decode_pixels(
             status=413,
         )
     try:
-        rgb = _decode_rgb(data, transform=transform, max_pixels=max_pixels)
+        rgb = _decode_rgb(data, transform=transform, max_pixels=max_pixels, defer_above=defer_above)
+        if rgb is None:
+            return None
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -193,7 +200,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _decode_rgb(data: bytes, *, transform: ImageTransform, max_pixels: int) -> Image.Image:
+def _decode_rgb(data: bytes, *, transform: ImageTransform, max_pixels: int,
+                defer_above: int | None = None) -> Image.Image | None:
     img = _open(data)  # header only: no pixel has been decoded yet
     width, height = img.size
     if width * height > max_pixels:
@@ -201,6 +209,8 @@ def _decode_rgb(data: bytes, *, transform: ImageTransform, max_pixels: int) -> I
             f"the image is {width}x{height} = {width * height:,} pixels; "
             f"the limit is {max_pixels:,}"
         )
+    if defer_above is not None and width * height > defer_above:
+        return None
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):  # also catches a 0 side
         raise ImageError(
             f"the image is {width}x{height}; sides more than {MAX_ASPECT_RATIO}:1 apart "

@@ -95,6 +95,11 @@ def _warm_lanes(pool: ThreadPoolExecutor, n: int, predictor: Predictor) -> None:
 
 
 class VQAService:
+    # Unless VQA_INLINE_DECODE_PIXELS says otherwise: a single process decodes every image on
+    # its decode threads, beside the event loop (a 64x64 image on the loop cost the loop ~0.4 ms
+    # more per request and no throughput, docs/performance.md).
+    INLINE_DECODE_PIXELS = 0
+
     def __init__(self, settings: Settings, metrics: Metrics, predictor: Predictor | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -106,6 +111,9 @@ class VQAService:
         # A pool whose results reach the event loop cheaply (app/threads.py: ~20 us of loop CPU
         # per request less than run_in_executor on a ThreadPoolExecutor).
         self._decode_pool = ThreadPool(max_workers=settings.decode_threads, thread_name_prefix="vqa-decode")
+        # Images up to this many pixels are decoded on the event loop (0: none; _decode).
+        self.inline_decode_pixels = (settings.inline_decode_pixels if settings.inline_decode_pixels is not None
+                                     else self.INLINE_DECODE_PIXELS)
         # Loading, warm-up and every forward pass run on this one thread (on CPU with lanes, the
         # lone single-image batches and explanations; batches run on the lanes). On CPU, torch's
         # OpenMP runtime keeps a worker team per thread that has run a parallel op; a second
@@ -116,8 +124,8 @@ class VQAService:
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqa-forward",
                                                 initializer=_init_forward_thread,
                                                 initargs=(self.torch_threads,))
-        # On CPU, batches of two or more images are split across threads of one intra-op thread
-        # each (app/inference.py, VQA_FORWARD_SHARDS); the pool is made once the device is known.
+        # On CPU, up to VQA_FORWARD_SHARDS batches run at once (lanes), each on its own thread of
+        # the lane pool (app/inference.py); the pool is made once the device is known.
         self.forward_shards = 1
         self._lane_pool: ThreadPoolExecutor | None = None
         self.loaded = False
@@ -432,6 +440,11 @@ class VQAService:
         s = self.settings
         cfg = self.predictor.model.cfg.image  # type: ignore[union-attr]
         try:
+            if self.inline_decode_pixels:  # small images here, on the event loop; None: too large
+                pixels = decode_pixels(data, transform=cfg.transform, max_pixels=s.max_image_pixels,
+                                       max_bytes=s.max_upload_bytes, defer_above=self.inline_decode_pixels)
+                if pixels is not None:
+                    return pixels
             return await self._decode_pool.run(
                 lambda: decode_pixels(data, transform=cfg.transform, max_pixels=s.max_image_pixels,
                                       max_bytes=s.max_upload_bytes))

@@ -435,3 +435,21 @@ def test_concurrent_decoding_matches_sequential():
     for a, b in zip(got, expected):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
     assert warnings.filters == filters_before
+
+
+def test_defer_above_skips_the_decode_of_a_larger_image_but_not_its_checks():
+    from app.preprocessing import decode_pixels
+    from tests.conftest import png_bytes as png
+
+    small, large = png(size=(32, 32)), png(size=(33, 32))
+    assert decode_pixels(small, image_size=16, max_pixels=MAX_PIXELS, defer_above=32 * 32).shape == (3, 16, 16)
+    assert decode_pixels(large, image_size=16, max_pixels=MAX_PIXELS, defer_above=32 * 32) is None
+    assert torch.equal(decode_pixels(large, image_size=16, max_pixels=MAX_PIXELS),
+                       decode_pixels(large, image_size=16, max_pixels=MAX_PIXELS, defer_above=33 * 32))
+    # What the header alone refuses is refused either way, never deferred.
+    with pytest.raises(ImageError) as info:
+        decode_pixels(large, image_size=16, max_pixels=32 * 32, defer_above=16)
+    assert info.value.code == "too_many_pixels"
+    with pytest.raises(ImageError) as info:
+        decode_pixels(b"not an image", image_size=16, max_pixels=MAX_PIXELS, defer_above=16)
+    assert info.value.code == "invalid_image"

@@ -13,6 +13,7 @@ from app.service import VQAService
 from models import Predictor
 from models.vocab import Vocabulary
 from tests.app.conftest import make_settings, run
+from tests.conftest import png_bytes
 
 
 def test_requests_before_the_model_is_loaded_get_503_not_an_assertion():
@@ -70,3 +71,63 @@ def test_stop_waits_until_the_decode_threads_have_ended():
     threads, still_stopping = run(scenario())
     assert still_stopping, "stop() returned while a decode thread was still running"
     assert not any(t.is_alive() for t in threads)
+
+
+def _decoding_threads(svc: VQAService, uploads: list[bytes], monkeypatch) -> list[str]:
+    """The names of the threads that decoded each upload (all of them 64x64 output)."""
+    import app.service as service_module
+    from types import SimpleNamespace
+
+    from models.transforms import ImageTransform
+
+    svc.predictor = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(  # type: ignore[assignment]
+        image=SimpleNamespace(transform=ImageTransform(64)))))
+    names: list[str] = []
+    real = service_module.decode_pixels
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if out is not None:
+            names.append(threading.current_thread().name)
+        return out
+
+    monkeypatch.setattr(service_module, "decode_pixels", recording)
+
+    async def scenario():
+        try:
+            return [tuple((await svc._decode(data)).shape) for data in uploads]
+        finally:
+            await svc.stop_decoding()
+
+    assert run(scenario()) == [(3, 64, 64)] * len(uploads)
+    return names
+
+
+def test_a_single_process_decodes_on_its_decode_threads(monkeypatch):
+    svc = VQAService(make_settings(), Metrics())
+    assert svc.inline_decode_pixels == 0
+    names = _decoding_threads(svc, [png_bytes(size=(64, 64))], monkeypatch)
+    assert names[0].startswith("vqa-decode")
+
+
+def test_a_front_end_decodes_small_images_on_its_event_loop_and_large_ones_on_threads(monkeypatch):
+    """VQA_WORKERS > 1: the front ends are processes sharing the cores; a decode thread there
+    adds GIL hand-offs, not parallelism. Large images still never stall the loop."""
+    from app.frontend import FrontEndService, SharedCounter
+
+    svc = FrontEndService(make_settings(), "/nonexistent", SharedCounter(), Metrics())
+    assert svc.inline_decode_pixels == 128 * 128
+    names = _decoding_threads(svc, [png_bytes(size=(64, 64)), png_bytes(size=(128, 128)),
+                                    png_bytes(size=(129, 128)), png_bytes(size=(640, 480))], monkeypatch)
+    loop_thread = threading.current_thread().name  # run() drives the loop on this thread
+    assert names[:2] == [loop_thread] * 2
+    assert all(n.startswith("vqa-decode") for n in names[2:])
+
+
+def test_inline_decoding_is_a_setting_for_both(monkeypatch):
+    from app.frontend import FrontEndService, SharedCounter
+
+    one = VQAService(make_settings(inline_decode_pixels=4096), Metrics())
+    front = FrontEndService(make_settings(inline_decode_pixels=0), "/nonexistent", SharedCounter(), Metrics())
+    assert (one.inline_decode_pixels, front.inline_decode_pixels) == (4096, 0)
+    assert _decoding_threads(one, [png_bytes(size=(64, 64))], monkeypatch) == [threading.current_thread().name]
