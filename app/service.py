@@ -48,7 +48,8 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 log = logging.getLogger("vqa.service")
 
 # Uploads up to this size are hashed on the event loop (tens of microseconds); larger ones in
-# the decode pool (blake2b takes ~1.5 ms per MB here: 15 ms of a stalled loop for 10 MB).
+# the decode pool (blake2b takes ~1.5 ms per MB here: 15 ms of a stalled loop for 10 MB). Only
+# uploads up to this size may be decoded on the loop, too (VQA_INLINE_DECODE_PIXELS).
 INLINE_HASH_BYTES = 256 * 1024
 
 
@@ -440,7 +441,10 @@ class VQAService:
         s = self.settings
         cfg = self.predictor.model.cfg.image  # type: ignore[union-attr]
         try:
-            if self.inline_decode_pixels:  # small images here, on the event loop; None: too large
+            # Small images here, on the event loop (None: more pixels than that). The byte bound
+            # keeps a crafted file of few pixels but many bytes (e.g. a JPEG of thousands of
+            # progressive scans) off the loop.
+            if self.inline_decode_pixels and len(data) <= INLINE_HASH_BYTES:
                 pixels = decode_pixels(data, transform=cfg.transform, max_pixels=s.max_image_pixels,
                                        max_bytes=s.max_upload_bytes, defer_above=self.inline_decode_pixels)
                 if pixels is not None:

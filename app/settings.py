@@ -56,8 +56,8 @@ class Settings(BaseSettings):
     # process
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding images off the event loop")
     inline_decode_pixels: int | None = Field(
-        None, ge=0, le=40_000_000, description="images whose header declares at most this many pixels are "
-        "decoded on the event loop, larger ones by the decode threads; unset: 16384 (128x128) in the front "
+        None, ge=0, le=40_000_000, description="images whose header declares at most this many pixels (uploads of "
+        "at most 256 KB) are decoded on the event loop, larger ones by the decode threads; unset: 16384 (128x128) in the front "
         "ends of VQA_WORKERS > 1 (processes, not threads, share the cores there), 0 (never) in a single process")
     torch_threads: int = Field(0, ge=0, le=1024, description="intra-op threads of the forward pass; 0: the "
                                "container's CPU quota (cgroup cpu.max) if it has one, else the CPUs it may run on")

@@ -117,8 +117,9 @@ def test_a_front_end_decodes_small_images_on_its_event_loop_and_large_ones_on_th
 
     svc = FrontEndService(make_settings(), "/nonexistent", SharedCounter(), Metrics())
     assert svc.inline_decode_pixels == 128 * 128
+    padded = png_bytes(size=(64, 64)) + bytes(256 * 1024)  # few pixels, many bytes (after IEND)
     names = _decoding_threads(svc, [png_bytes(size=(64, 64)), png_bytes(size=(128, 128)),
-                                    png_bytes(size=(129, 128)), png_bytes(size=(640, 480))], monkeypatch)
+                                    png_bytes(size=(129, 128)), png_bytes(size=(640, 480)), padded], monkeypatch)
     loop_thread = threading.current_thread().name  # run() drives the loop on this thread
     assert names[:2] == [loop_thread] * 2
     assert all(n.startswith("vqa-decode") for n in names[2:])
