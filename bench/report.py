@@ -34,7 +34,7 @@ def _num(x: float | None, unit: str = "") -> str:
     return s + unit
 
 
-def _pct(x: float | None) -> str:
+def percent(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
@@ -113,14 +113,14 @@ def _cpu_table(r: dict) -> list[str]:
         for c in r["servers"][s]["cells"]:
             lg, sv = c["loadgen"], c.get("server_cpu") or {}
             rows.append([s, c["workload"], str(c["concurrency"]), _num(lg["cpu_ms_per_request"]),
-                         _pct(lg["core_busy"]), _pct(lg["machine_share"]), _num(lg["max_requests_per_s"]),
-                         _num(c["requests_per_s"]), _pct(sv.get("machine_share"))])
+                         percent(lg["core_busy"]), percent(lg["machine_share"]), _num(lg["max_requests_per_s"]),
+                         _num(c["requests_per_s"]), percent(sv.get("machine_share"))])
     p = r.get("healthz_probe")
     if p:
         rows.append(["service", "GET /healthz", str(p["concurrency"]), _num(p["loadgen"]["cpu_ms_per_request"]),
-                     _pct(p["loadgen"]["core_busy"]), _pct(p["loadgen"]["machine_share"]),
+                     percent(p["loadgen"]["core_busy"]), percent(p["loadgen"]["machine_share"]),
                      _num(p["loadgen"]["max_requests_per_s"]), _num(p["requests_per_s"]),
-                     _pct((p.get("server_cpu") or {}).get("machine_share"))])
+                     percent((p.get("server_cpu") or {}).get("machine_share"))])
     return _table(["server", "workload", "conc.", "loadgen CPU ms/req", "loadgen busy (1 core)",
                    "loadgen share of machine", "loadgen max req/s", "achieved req/s",
                    "server share of machine"], rows)

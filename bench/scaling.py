@@ -34,6 +34,7 @@ from app.workers import process_role
 
 from . import docgen, machine, simdevice
 from .loadgen import run_cell
+from .report import percent
 from .server import REPO, ServerProcess
 from .workloads import ImageFormat, ImageStream, miss_workload
 
@@ -113,7 +114,7 @@ def measure_part(part: str, args: argparse.Namespace, stream: ImageStream, tmp: 
                 log(f"{part} round {r} VQA_WORKERS={n}: {cell['ok']}/{cell['requests']} ok, "
                     f"{cell['requests_per_s']:.0f} req/s, mean batch {cell.get('batch_size_mean', 0):.1f}, "
                     f"loadgen {cell['loadgen']['cpu_ms_per_request']:.3f} ms/req, "
-                    f"machine idle {_share((cell.get('host_cpu') or {}).get('idle'))}, "
+                    f"machine idle {percent((cell.get('host_cpu') or {}).get('idle'))}, "
                     f"server {cell['cpu_ms_per_request_by_role']}")
                 cells[n].append(cell)
     finally:
@@ -155,10 +156,6 @@ def _median_or_none(values: list) -> float | None:
     return float(np.median(values)) if values else None
 
 
-def _share(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.0f}%"
-
-
 def render(results: dict) -> str:
     lines = [f"- Command: `{results['command']}`",
              f"- Date: {results['created']}; load average at start {results['load_average_start']}, "
@@ -180,8 +177,8 @@ def render(results: dict) -> str:
             ratio = r.get("ratio_median", {}).get(n, r["ratio_to_first"][n])
             lines.append(f"| {n} | {s['requests_per_s']:.0f} | **{ratio:.2f}×** | {rounds} | "
                          f"{s['batch_size_mean']:.1f} | {s['latency_p50_ms']:.0f} | {s['latency_p99_ms']:.0f} | "
-                         f"{cpu} | {s['loadgen_cpu_ms_per_request']:.3f} | {_share(s.get('host_idle_share'))} | "
-                         f"{_share(s.get('host_steal_share'))} | {s['ok']}/{s['requests']} |")
+                         f"{cpu} | {s['loadgen_cpu_ms_per_request']:.3f} | {percent(s.get('host_idle_share'))} | "
+                         f"{percent(s.get('host_steal_share'))} | {s['ok']}/{s['requests']} |")
         lines.append("")
     return "\n".join(lines)
 
