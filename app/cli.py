@@ -11,7 +11,8 @@ import struct
 
 import uvicorn
 
-from .settings import get_settings
+from .linger import LingerLimits, LingerStats, http_protocol_class
+from .settings import Settings, get_settings
 
 log = logging.getLogger("vqa.serve")
 
@@ -34,6 +35,9 @@ IDLE_SETTLE_S = 0.5  # after the listener closes: how long idle connections get 
 
 
 def _idle(connection) -> bool:
+    idle = getattr(connection, "idle", None)  # app/linger.py's protocols: partly received requests too
+    if idle is not None:
+        return idle()
     cycle = getattr(connection, "cycle", None)  # uvicorn's httptools and h11 protocols
     return cycle is None or cycle.response_complete
 
@@ -135,6 +139,24 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def uvicorn_config(app, settings: Settings, host: str, port: int) -> uvicorn.Config:
+    """How every ``vqa-serve`` process runs uvicorn: ``app`` is an app.main.FrontDoor, whose
+    service's metrics count the lingering closes of its connections (app/linger.py)."""
+    metrics = app.app.state.service.metrics
+    stats = LingerStats(on_end=lambda outcome: metrics.linger_closes.labels(outcome).inc())
+    metrics.lingering.set_function(lambda: stats.active)
+    limits = LingerLimits(seconds=settings.linger_s, idle_s=min(settings.linger_s, LingerLimits.idle_s),
+                          max_bytes=settings.max_upload_bytes + 65536,
+                          max_connections=settings.linger_max_connections if settings.linger_s else 0)
+    return uvicorn.Config(
+        app, host=host, port=port, log_level=settings.log_level, access_log=settings.access_log,
+        http=http_protocol_class(limits, stats),
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
+        # Requests are small and answered fast; a long keep-alive only holds sockets open.
+        timeout_keep_alive=5,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
     p = argparse.ArgumentParser(prog="vqa-serve", description="Serve the VQA model over HTTP. "
@@ -149,13 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     workers = resolve_workers(settings)
     if workers > 1:  # front ends + one model-owning process (app/workers.py)
         raise SystemExit(serve(args.host, args.port, workers, settings))
-    config = uvicorn.Config(
-        "app.main:asgi", host=args.host, port=args.port, log_level=settings.log_level,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
-        # Requests are small and answered fast; a long keep-alive only holds sockets open.
-        timeout_keep_alive=5,
-    )
+    from .main import asgi  # builds the app (the model loads when the server starts)
+
+    config = uvicorn_config(asgi, settings, args.host, args.port)
     server = DrainingServer(config, drain_grace_s=settings.drain_grace_s)
     # The listening socket is ours (not uvicorn's), so the drain can empty its accept queue.
     server.run(sockets=[config.bind_socket()])

@@ -50,6 +50,7 @@ MAX_FIELDS = 1000
 MAX_FILES = 1000
 MAX_PART_SIZE = 1024 * 1024  # a text field; file parts are bounded by the body limit
 _JSON = [(b"content-type", b"application/json")]
+_CLOSE = {"Connection": "close"}
 
 
 class FormError(Exception):
@@ -309,15 +310,17 @@ class InferenceEndpoint:
             grows = None if sized else scope["state"].get("body_reservation")
             try:
                 body = await self.read_body(receive, grows)
+            # Refused while the body streams in: the rest of it is unread, so the connection
+            # closes (lingering, app/linger.py) rather than reading all of it.
             except OverBudget:
                 raise ApiError(503, "overloaded", "too many request bytes in flight; retry later",
-                               headers={"Retry-After": self.service.retry_after()}) from None
+                               headers={"Retry-After": self.service.retry_after(), **_CLOSE}) from None
             except BodyTooLarge:
                 raise ApiError(413, "payload_too_large",
-                               f"request body exceeds the {s.max_upload_bytes}-byte limit") from None
+                               f"request body exceeds the {s.max_upload_bytes}-byte limit", _CLOSE) from None
             except BodyTimeout:
                 raise ApiError(408, "request_timeout",
-                               f"the request body did not arrive within {s.body_timeout_s:g}s") from None
+                               f"the request body did not arrive within {s.body_timeout_s:g}s", _CLOSE) from None
             content_type = ""
             for k, v in scope["headers"]:
                 if k == b"content-type":
@@ -331,9 +334,9 @@ class InferenceEndpoint:
             payload = await (self._answers(scope, receive, items) if multi
                              else self._answer(scope, receive, items))
             if payload is None:  # the client went away: nobody reads a response
-                await _send(send, 499, b"", rid, ())
+                await self._send(send, 499, b"", rid, ())
                 return 499
-            await _send(send, 200, payload, rid, _JSON)
+            await self._send(send, 200, payload, rid, _JSON)
             return 200
         except ClientGone:
             return 499
@@ -431,22 +434,23 @@ class InferenceEndpoint:
             state["working"] = False
             watcher.cancel()
 
-    @staticmethod
-    async def _error(request_id: str, send: Send, e: ApiError) -> int:
+    async def _error(self, request_id: str, send: Send, e: ApiError) -> int:
         body: dict = {"code": e.code, "message": e.message, "request_id": request_id}
         details = getattr(e, "details", None)
         if details:
             body["details"] = details
         extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (e.headers or {}).items()]
-        await _send(send, e.status, _ERROR_JSON.dump_json({"error": body}), request_id, [*_JSON, *extra])
+        await self._send(send, e.status, _ERROR_JSON.dump_json({"error": body}), request_id, [*_JSON, *extra])
         return e.status
 
-
-async def _send(send: Send, status: int, payload: bytes, request_id: str, headers) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-length", str(len(payload)).encode()), *headers,
-                            (b"x-request-id", request_id.encode())]})
-    await send({"type": "http.response.body", "body": payload})
+    async def _send(self, send: Send, status: int, payload: bytes, request_id: str, headers) -> None:
+        headers = [(b"content-length", str(len(payload)).encode()), *headers, (b"x-request-id", request_id.encode())]
+        # Draining (decided now, not when the request came: one admitted before SIGTERM and
+        # answered after it closes its connection too), unless the response says so already.
+        if self.service.draining and not any(k == b"connection" for k, _ in headers):
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 _ERROR_JSON = TypeAdapter(dict)

@@ -47,6 +47,14 @@ class Metrics:
         self.explain_duration = Histogram("vqa_explain_duration_seconds", "Grad-CAM computation (decode + "
                                           "forward + backward), one explanation", buckets=_LATENCY_BUCKETS, registry=r)
         self.explaining = Gauge("vqa_explanations_inflight", "explain=true requests being answered", registry=r)
+        # A response sent before its request body was read: the connection closes lingering
+        # (app/linger.py), so the client receives it instead of a reset.
+        self.lingering = Gauge("vqa_lingering_connections", "connections closing lingering: the response "
+                               "sent, what the client still sends read and discarded", registry=r)
+        self.linger_closes = Counter("vqa_linger_closes", "lingering closes by outcome (eof: the client "
+                                     "closed, having read the response; reset: the client reset; timeout, "
+                                     "bytes: cut off at VQA_LINGER_S or the byte bound; over_limit: closed at "
+                                     "once, VQA_LINGER_MAX_CONNECTIONS lingering already)", ["outcome"], registry=r)
         self.ready = Gauge("vqa_ready", "1 when the model is loaded, warmed up and accepting", registry=r)
 
     def observe_batch(self, size: int, seconds: float) -> None:

@@ -25,6 +25,9 @@ from .inflight import Reservation
 from .service import VQAService
 
 _random_bits = random.Random().getrandbits  # seeded from os.urandom once
+# A refused body up to this size is left to uvicorn, which reads and discards it and keeps the
+# connection open (its read buffer's high-water mark: such a body is read without pausing).
+KEEPALIVE_DISCARD_BYTES = 65536
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 INFERENCE_PREFIX = "/v1/answer"  # /v1/answer and /v1/answers
 
@@ -94,17 +97,25 @@ def _request_headers(scope: Scope) -> tuple[str, str, str | None]:
             length.decode("latin-1") if length is not None else None)
 
 
-def _closing(send: Send) -> Send:
-    """While draining, every response asks the client to close the connection (uvicorn then
-    closes it after the response), so no keep-alive connection is left open to be cut."""
+def closes_unread_body(scope: Scope, content_length: str | None) -> bool:
+    """Whether a response sent before reading this request's body must close the connection.
 
-    async def closing(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message.setdefault("headers", [])
-            message["headers"] = [*message["headers"], (b"connection", b"close")]
-        await send(message)
-
-    return closing
+    After such a response the rest of the body still has to be read before the next request on
+    the connection. A small body (``KEEPALIVE_DISCARD_BYTES``) is: uvicorn reads and discards
+    it. A larger one, one of unknown length (chunked), or one the client holds back until
+    ``100 Continue`` (which is never sent: the client must not send a body that is refused) is
+    not: the response says ``Connection: close`` and the server closes lingering
+    (app/linger.py), so the client receives the response and what it still sends is discarded,
+    within bounds, instead of being read as the next request or answered with a reset."""
+    if content_length is None:
+        return any(k == b"transfer-encoding" for k, _ in scope["headers"])
+    if not (content_length.isascii() and content_length.isdigit()):
+        return True  # refused as a bad request; how much body follows is unknown
+    if int(content_length) == 0:
+        return False
+    if int(content_length) > KEEPALIVE_DISCARD_BYTES:
+        return True
+    return any(k == b"expect" and v.lower() == b"100-continue" for k, v in scope["headers"])
 
 
 class ServiceMiddleware:
@@ -123,9 +134,11 @@ class ServiceMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.service.draining:
-            send = _closing(send)
         supplied, content_type, content_length = _request_headers(scope)
+        is_inference = scope["method"] == "POST" and scope["path"].startswith(INFERENCE_PREFIX)
+        # A body no route here reads closes its connection (app.linger bounds what is then
+        # discarded, where uvicorn would read a body of any declared length to keep it open).
+        closes = not is_inference and content_length != "0" and closes_unread_body(scope, content_length)
         # 32 random hex digits, like uuid4().hex: an id to correlate logs, not a secret, so from
         # the process's PRNG (uuid4 and os.urandom, a system call each, were 4-5% of the loop).
         request_id = supplied if _SAFE_ID.match(supplied) else f"{_random_bits(128):032x}"
@@ -139,11 +152,16 @@ class ServiceMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                MutableHeaders(scope=message).append("x-request-id", request_id)
+                headers = MutableHeaders(scope=message)
+                headers.append("x-request-id", request_id)
+                # While draining every response asks the client to close the connection
+                # (uvicorn then closes it, lingering), so no keep-alive connection is left open
+                # to be cut; decided as the response starts, not when the request came.
+                if (closes or self.service.draining) and "connection" not in headers:
+                    headers.append("connection", "close")
             await send(message)
 
         metrics = self.service.metrics
-        is_inference = scope["method"] == "POST" and scope["path"].startswith(INFERENCE_PREFIX)
         admitted = False
         fast_route = None
         reservation: Reservation | None = None
@@ -157,16 +175,20 @@ class ServiceMiddleware:
                         refusal, reason = self.service.overloaded("too many request bytes in flight"), "inflight_bytes"
                 if refusal is not None:
                     metrics.rejected.labels(reason).inc()
+                    headers = refusal.headers
+                    if closes_unread_body(scope, content_length):
+                        headers = {**(headers or {}), "Connection": "close"}
                     response = error_response(request_id, refusal.status, refusal.code,
-                                              refusal.message, refusal.headers)
+                                              refusal.message, headers)
                     await response(scope, receive, send_with_id)
                     return
                 admitted = True
                 self.service.inflight += 1
                 scope["state"]["body_reservation"] = reservation
                 if self.fast is not None and scope["path"] in self.fast_paths:
-                    # It reads and limits the body itself, sends the request id and returns the
-                    # status: no wrapped receive or send.
+                    # It reads and limits the body itself, sends the request id (and, while
+                    # draining, Connection: close) and returns the status: no wrapped receive
+                    # or send.
                     fast_route = scope["path"]
                     status = await self.fast(scope, receive, send)
                     response_started = True
@@ -180,7 +202,9 @@ class ServiceMiddleware:
             if not response_started:
                 code = {BodyTooLarge: "payload_too_large", BodyTimeout: "request_timeout",
                         BodyOverBudget: "overloaded"}[type(e)]
-                response = error_response(request_id, e.status_code, code, str(e.detail), e.headers)
+                # The rest of the body is unread: close (lingering) rather than read it all.
+                response = error_response(request_id, e.status_code, code, str(e.detail),
+                                          {**(e.headers or {}), "Connection": "close"})
                 await response(scope, receive, send_with_id)
         finally:
             if reservation is not None:

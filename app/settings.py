@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(2.0, ge=0, le=600, description="after SIGTERM, how long open keep-alive "
                                  "connections are still read and answered (new requests: 503 + Connection: "
                                  "close; admitted ones: served) before idle ones are closed")
+    linger_s: float = Field(10.0, ge=0, le=600, description="a connection closed by the server while the "
+                            "client may still be sending (a refusal before the body was read, the drain) is "
+                            "closed lingering: its response sent, what the client sends read and discarded "
+                            "for at most this long (2 s at most without a byte; at most the upload limit in "
+                            "bytes), so the client receives the response instead of a reset; 0: close at once")
+    linger_max_connections: int = Field(512, ge=0, le=65536, description="connections lingering at once, at "
+                                        "most; beyond it a close is immediate")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed CORS origins, comma separated (empty: CORS closed)")
 

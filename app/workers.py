@@ -102,21 +102,17 @@ def _watch_parent(parent_pid: int) -> None:
 def frontend_main(socket_path: str, inflight_value, started_value, workers: int, host: str, port: int,
                   parent_pid: int, index: int) -> None:
     """Entry point of front end ``index`` (spawned)."""
-    import uvicorn
-
     name_process(f"vqa-front-{index}")
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[front {index}]: %(message)s")
-    from .cli import DrainingServer
+    from .cli import DrainingServer, uvicorn_config
     from .frontend import FrontEndService, SharedCounter
     from .main import FrontDoor, create_app  # (its module-level app is built, never served)
     service = FrontEndService(settings, socket_path, SharedCounter(inflight_value),
                               started=SharedCounter(started_value), front_ends=workers)
     app = create_app(settings, service=service)
-    config = uvicorn.Config(
-        FrontDoor(app), host=host, port=port, log_level=settings.log_level, access_log=settings.access_log,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None, timeout_keep_alive=5)
+    config = uvicorn_config(FrontDoor(app), settings, host, port)
     server = DrainingServer(config, drain_grace_s=settings.drain_grace_s)
     sock = listening_socket(host, port)
     _watch_parent(parent_pid)

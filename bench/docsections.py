@@ -123,6 +123,10 @@ def _soak_inline(report: dict) -> str:
 # --- vqa-burst (bench/burst.py): docs/reliability.md --------------------------------------
 
 
+def _not_measured_yet() -> str:
+    return "Not measured yet.\n"
+
+
 def _burst_not_measured() -> str:
     return ("Not committed yet: `vqa-burst --json bench/results/burst.json`, then `python -m bench.docgen`, "
             "puts the run here.\n")
@@ -130,26 +134,47 @@ def _burst_not_measured() -> str:
 
 @section("results:burst", "bench/results/burst.json", missing=_burst_not_measured)
 def _burst(report: dict) -> str:
-    c, rss = report["config"], report["rss_mb"]
+    return _burst_table(report, "bench/results/burst.json")
+
+
+# The same burst against the tree before lingering closes (issue 27), for comparison.
+@section("results:burst-before", "bench/results/burst-before.json", missing=_not_measured_yet)
+def _burst_before(report: dict) -> str:
+    return _burst_table(report, "bench/results/burst-before.json")
+
+
+def _burst_table(report: dict, path: str) -> str:
+    c = report["config"]
     env = " ".join(f"`{k}={v}`" for k, v in c["server_env"].items()) or "defaults"
-    statuses = ", ".join(f"{n} × {s}" for s, n in report["statuses"].items())
     verdict = "**PASS**" if report["passed"] else "**FAIL**: " + "; ".join(report["failures"])
-    peak = report.get("server_inflight_bytes_peak")
+    runs = report["runs"]
     lines = [
-        _provenance(report, "bench/results/burst.json") + f" {verdict}", "",
-        f"* {c['uploads']} concurrent uploads of {c['upload_bytes'] / 1e6:.1f} MB ({report['sent_mb']:,} MiB in "
-        f"all) to a server on full-size VGG16, random weights (server settings beyond the weights: {env}).",
-        f"* Answers: {statuses} (every 503 with `Retry-After`: "
-        f"{'yes' if not any('Retry-After' in f for f in report['failures']) else 'no'}), all in "
-        f"{report['wall_s']} s; the slowest took {report['slowest_answer_s']} s.",
-        f"* Server resident memory **{rss['idle']} MB at idle, at most {rss['peak_during_burst']} MB during the "
-        f"burst: {rss['growth']:+.0f} MB** (limit {c['max_growth_mb']:g} MB; {rss['samples']} samples, one "
-        f"every 20 ms).",
+        _provenance(report, path) + (f" Tree: `{report['tree']}`." if report.get("tree", "this") != "this" else "")
+        + f" {verdict}", "",
+        f"{c['uploads']} concurrent uploads of {c['upload_bytes'] / 1e6:.1f} MB "
+        f"({c['uploads'] * c['upload_bytes'] / 2**20:,.1f} MiB in all) to a server on full-size VGG16, random "
+        f"weights (server settings beyond the weights: {env}), one burst per client "
+        f"(`stream` writes the whole body before it reads the response):", "",
+        "| client | answers | no response | every 503 with `Retry-After` | burst took | resident memory: idle → peak "
+        "(growth; limit " f"{c['max_growth_mb']:g} MB) | upload bytes reserved at once, at most | lingering "
+        "closes (eof / timeout / bytes / over limit) | right after |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    if peak is not None:
-        lines.append(f"* Upload bytes reserved at once, at most (`vqa_inflight_bytes_peak`): "
-                     f"{peak / 2**20:.1f} MiB.")
-    lines.append(f"* Right after: `/readyz` {report['after']['readyz']}, a question {report['after']['answer']}.")
+    for r in runs:
+        rss, lc = r["rss_mb"], r.get("lingering_closes") or {}
+        answers = ", ".join(f"{n} × {s}" for s, n in r["statuses"].items() if s.isdigit())
+        none = sum(n for s, n in r["statuses"].items() if not s.isdigit())
+        peak = r.get("server_inflight_bytes_peak")
+        lines.append(
+            f"| {r['client']} | {answers} | **{none}** | "
+            f"{'no' if any('Retry-After' in f for f in r['failures']) else 'yes'} | {r['wall_s']} s | "
+            f"{rss['idle']} → {rss['peak_during_burst']} MB (**{rss['growth']:+.0f} MB**) | "
+            + (f"{peak / 2**20:.1f} MiB" if peak is not None else "n/a") + " | "
+            + " / ".join(f"{lc.get(o) or 0:.0f}" for o in ("eof", "timeout", "bytes", "over_limit"))
+            + f" | `/readyz` {r['after']['readyz']}, a question {r['after']['answer']} |")
+    lines.append("")
+    lines.append("(The lingering closes are the server's counters, `vqa_linger_closes_total`, cumulative "
+                 "over the bursts run so far on the one server.)")
     return "\n".join(lines) + "\n"
 
 
@@ -174,6 +199,10 @@ for _name, _results, _module, _function, _missing in (
         ("vqa-bench:scaling", "bench/results/scaling-cpu.json", "scaling", "render", _not_measured),
         ("vqa-bench:drain", "bench/results/drain.json", "drain", "render", _not_measured),
         ("vqa-bench:drain-workers2", "bench/results/drain-workers2.json", "drain", "render", _not_measured),
+        # the same against the tree before lingering closes (issue 27)
+        ("vqa-bench:drain-before", "bench/results/drain-before.json", "drain", "render", _not_measured),
+        ("vqa-bench:drain-workers2-before", "bench/results/drain-workers2-before.json", "drain", "render",
+         _not_measured),
         ("vqa-bench:shards", "bench/results/shards-cpu.json", "shards", "render", _not_measured),
         # #12's explanations: heatmap quality, latency, plain throughput (always committed)
         ("vqa-bench:explain", "bench/results/explain.json", "explain", "markdown", None)):

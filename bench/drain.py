@@ -1,9 +1,10 @@
 """``vqa-bench drain``: SIGTERM under keep-alive load, repeated; does every request get an answer?
 
 Each run starts a real server (``vqa-serve``, shipped model, CPU), opens a load of ``--requests``
-(400) ``POST /v1/answer`` from ``--connections`` (64) keep-alive httpx connections, sends SIGTERM
-``--after-s`` (0.5 s) into it and lets the clients go on until the server has exited. Every
-request ends in one of:
+(400) ``POST /v1/answer`` from ``--connections`` (64) workers of one HTTP client (``--client``:
+httpx, requests, aiohttp, stream; bench/clients.py, each sending the multipart form its own
+way, as its users do), sends SIGTERM ``--after-s`` (0.5 s) into it and lets the clients go on
+until the server has exited. Every request ends in one of:
 
 * ``200``: answered; ``503``: refused with a response (draining: ``Retry-After`` and
   ``Connection: close``);
@@ -13,7 +14,8 @@ request ends in one of:
   connection closed under it). These are the failures this command exists to count.
 
 A run passes when nothing is lost, every 503 carries ``Retry-After`` and ``Connection: close``,
-and the server exits 0. ``--runs 20`` repeats it; results to JSON (``--output``).
+and the server exits 0. ``--runs 20`` repeats it for each client, the clients taking turns;
+results to JSON (``--output``).
 
     vqa-bench drain --runs 20 --output bench/results/drain.json
 """
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import shlex
 import signal
 import sys
@@ -31,103 +34,96 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
-
 from . import docgen, machine
+from .clients import KINDS, Form, send_all
 from .server import REPO, ServerProcess
-from .workloads import ImageFormat, ImageStream, answer_request
+from .workloads import ImageFormat, ImageStream
 
-SCHEMA = "vqa-bench-drain/1"
+SCHEMA = "vqa-bench-drain/2"
 
 
 def log(msg: str) -> None:
     print(f"[vqa-bench drain {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def classify(outcome) -> str:
-    if isinstance(outcome, httpx.Response):
-        return str(outcome.status_code)
-    if isinstance(outcome, httpx.ConnectError):
-        return "refused"
-    return "lost"  # ReadError, RemoteProtocolError, WriteError...: sent, and no response
-
-
-async def _load(url: str, bodies, connections: int, sigterm_after_s: float, pid: int) -> dict:
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    outcomes: list = [None] * len(bodies)
-    sent_at: list[float] = [0.0] * len(bodies)
-    queue = iter(range(len(bodies)))
+async def _load(kind: str, url: str, items: list, connections: int, sigterm_after_s: float, pid: int) -> dict:
+    sent_at: list[float] = [0.0] * len(items)
     sigterm_at = None
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        async def worker() -> None:
-            for i in queue:
-                body, ctype = bodies[i]
-                sent_at[i] = time.monotonic()
-                try:
-                    outcomes[i] = await client.post("/v1/answer", content=body,
-                                                    headers={"content-type": ctype})
-                except httpx.TransportError as e:
-                    outcomes[i] = e
 
-        async def terminate() -> None:
-            nonlocal sigterm_at
-            await asyncio.sleep(sigterm_after_s)
-            sigterm_at = time.monotonic()
-            import os
-            os.kill(pid, signal.SIGTERM)
+    def sent(i: int) -> None:
+        sent_at[i] = time.monotonic()
 
-        await asyncio.gather(terminate(), *(worker() for _ in range(connections)))
-    kinds = [classify(o) for o in outcomes]
-    bad_503 = sum(1 for o in outcomes if isinstance(o, httpx.Response) and o.status_code == 503
-                  and not (o.headers.get("retry-after") and o.headers.get("connection", "").lower() == "close"))
-    lost = [{"request": i, "error": type(o).__name__, "sent_after_sigterm_ms": round(1000 * (sent_at[i] - sigterm_at), 1)}
-            for i, (o, k) in enumerate(zip(outcomes, kinds)) if k == "lost"]
-    return {"outcomes": dict(sorted(Counter(kinds).items())), "lost": lost, "bad_503": bad_503}
+    async def terminate() -> None:
+        nonlocal sigterm_at
+        await asyncio.sleep(sigterm_after_s)
+        sigterm_at = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+
+    killer = asyncio.create_task(terminate())
+    results = await send_all(kind, url, "/v1/answer", items, connections, timeout_s=60, on_sent=sent)
+    await killer
+    kinds = [r.outcome for r in results]
+    bad = [r for r in results if r.status == 503
+           and not (r.headers.get("retry-after") and r.headers.get("connection", "").lower() == "close")]
+    bad_503 = len(bad)
+    lost = [{"request": i, "error": r.error, "sent_after_sigterm_ms": round(1000 * (sent_at[i] - sigterm_at), 1)}
+            for i, r in enumerate(results) if r.outcome == "lost"]
+    return {"outcomes": dict(sorted(Counter(kinds).items())), "lost": lost, "bad_503": bad_503,
+            "bad_503_headers": [r.headers for r in bad[:3]]}
 
 
-def one_run(args: argparse.Namespace, stream: ImageStream, index: int) -> dict:
-    fmt = stream.format
-    bodies = []
-    for s in stream.take(args.requests):
-        r = answer_request(s, fmt)
-        bodies.append((r.body, r.content_type))
+def one_run(args: argparse.Namespace, items: list, kind: str, index: int) -> dict:
     srv = ServerProcess({"VQA_DEVICE": "cpu", **dict(args.server_env)}, ready_timeout_s=300, repo=args.tree)
     srv.start()
     try:
         started = time.monotonic()
-        result = asyncio.run(_load(srv.url, bodies, args.connections, args.after_s, srv.pid))
+        result = asyncio.run(_load(kind, srv.url, items, args.connections, args.after_s, srv.pid))
         code = srv.proc.wait(120)  # type: ignore[union-attr]
         result["exit_code"] = code
         result["took_s"] = round(time.monotonic() - started, 2)
     finally:
         srv.stop()
+    result["client"] = kind
     result["passed"] = not result["lost"] and result["bad_503"] == 0 and result["exit_code"] == 0
-    log(f"run {index}: {result['outcomes']} exit {result['exit_code']}"
-        + (f"; LOST {result['lost']}" if result["lost"] else "") + ("" if result["passed"] else "  FAIL"))
+    log(f"{kind} run {index}: {result['outcomes']} exit {result['exit_code']}"
+        + (f"; LOST {result['lost'][:3]}" if result["lost"] else "") + ("" if result["passed"] else "  FAIL"))
     return result
 
 
 def render(results: dict) -> str:
-    """The results as the ``drain`` section of docs/performance.md."""
+    """The results as the ``drain`` section of docs/performance.md (or ``drain-workers2`` of
+    docs/scaling.md): per client, runs passed and every request's outcome over all runs."""
     runs = results["runs"]
-    totals: Counter = Counter()
-    for r in runs:
-        totals.update(r["outcomes"])
-    took = [r.get("took_s") for r in runs if r.get("took_s") is not None]
     lines = [f"- Command: `{results['command']}` (tree: {results['tree']})",
              f"- Date: {results['created']}; load average at the end {results['load_average_end']}",
              f"- Machine: {machine.line(results['machine'])}",
              f"- **{results['passed']} of {len(runs)} runs passed**: {results['total_lost']} requests without "
-             f"a response in all, server exit codes {results['exit_codes']}",
-             "- Outcomes over all runs: " + ", ".join(f"{k}: {v}" for k, v in sorted(totals.items()))
-             + " (`refused`: no connection could be opened, nothing was sent)"]
-    if took:
-        lines.append(f"- Load start to server exit: {min(took):.1f}-{max(took):.1f} s per run")
-    failed = [r for r in runs if not r["passed"]]
+             f"a response in all, server exit codes {results['exit_codes']}", "",
+             "| client | runs passed | 200 | 503 | refused | **no response** | load start to exit |",
+             "|---|---|---|---|---|---|---|"]
+    for kind in dict.fromkeys(r.get("client", "httpx") for r in runs):
+        mine = [r for r in runs if r.get("client", "httpx") == kind]
+        totals: Counter = Counter()
+        for r in mine:
+            totals.update(r["outcomes"])
+        took = [r["took_s"] for r in mine if r.get("took_s") is not None]
+        lines.append(f"| {kind} | {sum(r['passed'] for r in mine)} of {len(mine)} | {totals.get('200', 0)} | "
+                     f"{totals.get('503', 0)} | {totals.get('refused', 0)} | **{totals.get('lost', 0)}** | "
+                     + (f"{min(took):.1f}-{max(took):.1f} s" if took else "n/a") + " |")
+    other = sorted({k for r in runs for k in r["outcomes"]} - {"200", "503", "refused", "lost"})
+    lines.append("")
+    if other:
+        lines.append("- Other outcomes: " + ", ".join(f"{k}: {sum(r['outcomes'].get(k, 0) for r in runs)}"
+                                                       for k in other))
+    lines.append("- `refused`: no connection could be opened (the listener is closed), nothing was sent; "
+                 "**no response**: sent, and the connection closed or reset without an answer")
     for i, r in enumerate(runs):
         if not r["passed"]:
-            lines.append(f"  - run {i} failed: {r['outcomes']}, exit {r['exit_code']}, lost {r['lost'][:5]}")
-    if not failed:
+            lines.append(f"  - run {i} ({r.get('client', 'httpx')}) failed: {r['outcomes']}, exit {r['exit_code']}, "
+                         f"lost {len(r['lost'])}, e.g. {r['lost'][:2]}"
+                         + (f"; 503s without Retry-After or Connection: close: {r.get('bad_503_headers')}"
+                            if r["bad_503"] else ""))
+    if all(r["bad_503"] == 0 for r in runs):
         lines.append("- Every 503 carried `Retry-After` and `Connection: close`")
     return "\n".join(lines) + "\n"
 
@@ -138,17 +134,25 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--render"]:  # e.g. drain-workers2.json has its own section
         return docgen.rerender(argv, render, "vqa-bench:drain")
     p = argparse.ArgumentParser(prog="vqa-bench drain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--runs", type=int, default=1, help="runs per client")
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--after-s", type=float, default=0.5, help="SIGTERM this long into the load")
+    p.add_argument("--client", default=",".join(KINDS),
+                   help=f"HTTP clients, comma separated (bench/clients.py; default {','.join(KINDS)})")
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--tree", type=Path, default=REPO, help="source tree to serve (default: this one)")
     p.add_argument("--output", type=Path, default=None, help="results JSON")
     args = p.parse_args(argv)
     args.server_env = [tuple(x.split("=", 1)) for x in args.server_env]
-    stream = ImageStream(ImageFormat(64, "PNG"), seed=21)
-    runs = [one_run(args, stream, i) for i in range(args.runs)]
+    clients = [c.strip() for c in args.client.split(",") if c.strip()]
+    if unknown := set(clients) - set(KINDS):
+        p.error(f"unknown client(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    fmt = ImageFormat(64, "PNG")
+    items = [Form({"question": s.question, "top_k": "1"}, s.image, filename=fmt.filename, file_type=fmt.content_type)
+             for s in ImageStream(fmt, seed=21).take(args.requests)]
+    # Clients take turns run by run, so a slow spell of the machine does not land on one client.
+    runs = [one_run(args, items, kind, i) for i in range(args.runs) for kind in clients]
     results = {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "command": shlex.join(["vqa-bench", "drain", *argv]),
                "tree": "this" if args.tree == REPO else str(args.tree),
