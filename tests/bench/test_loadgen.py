@@ -4,7 +4,9 @@ connections dropped without an answer, chunked bodies, and what it sends on the 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
 
 import pytest
 
@@ -139,3 +141,19 @@ def test_host_cpu_shares_are_read_from_proc_stat_lines():
     assert shares == pytest.approx({"busy": 0.6, "idle": 0.3, "steal": 0.1})
     assert host_cpu_seconds("intr 1 2 3") == {} and host_cpu_shares({}, after, 1.0, 2) is None
     assert set(host_cpu_seconds()) >= {"idle", "steal"}  # this machine's own /proc/stat
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/schedstat"),
+                    reason="needs Linux /proc/<pid>/task/<tid>/schedstat")
+def test_thread_cpu_time_resolves_less_than_a_clock_tick():
+    # A few ms of CPU on this thread: stat's utime + stime (10 ms ticks) often read 0 for it,
+    # which made a 24-request cell report 0 ms of event-loop CPU per request.
+    from bench.proc import thread_cpu_seconds
+
+    tid = threading.get_native_id()
+    before = thread_cpu_seconds(os.getpid())[tid]
+    end = time.thread_time() + 0.003
+    while time.thread_time() < end:
+        pass
+    used = thread_cpu_seconds(os.getpid())[tid] - before
+    assert 0.002 < used < 1.0
