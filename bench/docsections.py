@@ -9,6 +9,7 @@ from . import machine
 from .checks import cell, compute_checks
 from .docgen import RESULTS, section
 from .report import render
+from training.easyvqa_vqa2 import render as render_easyvqa_vqa2
 
 # --- vqa-bench (bench/run.py): docs/performance.md, README -------------------------------
 
@@ -176,6 +177,14 @@ def _burst_table(report: dict, path: str) -> str:
     lines.append("(The lingering closes are the server's counters, `vqa_linger_closes_total`, cumulative "
                  "over the bursts run so far on the one server.)")
     return "\n".join(lines) + "\n"
+
+
+# --- VQA v2 training on easy-VQA's pictures (training/easyvqa_vqa2.py): docs/own-models.md -----
+
+
+@section("results:easyvqa-vqa2", "training/results/easyvqa-vqa2.json", missing=_not_measured_yet)
+def _easyvqa_vqa2(results: dict) -> str:
+    return render_easyvqa_vqa2(results)
 
 
 # --- the benchmarks that render their own section (bench/httpcost.py, peer.py, scaling.py,

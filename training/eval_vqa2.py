@@ -6,7 +6,8 @@
   the evaluation server takes) and, when the split has annotations, scores it.
 * ``--score-results FILE`` (no checkpoint): scores any results file, ours or another model's.
 
-Accuracy is :mod:`training.vqa_metric`, the official ``vqaEval.py`` computation.
+Accuracy is :mod:`training.vqa_metric`, the official ``vqaEval.py`` computation at
+GT-Vision-Lab/VQA's head (a013f00), or at the v2.0 release with ``--metric-revision a4f1afd``.
 """
 
 from __future__ import annotations
@@ -52,14 +53,15 @@ def write_results(path: Path, split: VQA2Split, answers: dict[int, str]) -> None
     tmp.replace(path)
 
 
-def score(split: VQA2Split, answers: dict[int, str]) -> dict:
-    acc = vqa_metric.evaluate(split.annotations, answers)  # type: ignore[arg-type]
-    return {k: acc[k] for k in ("overall", "perAnswerType", "perQuestionType")}
+def score(split: VQA2Split, answers: dict[int, str], revision: str = vqa_metric.DEFAULT_REVISION) -> dict:
+    acc = vqa_metric.evaluate(split.annotations, answers, revision=revision)  # type: ignore[arg-type]
+    return {k: acc[k] for k in ("overall", "perAnswerType", "perQuestionType", "revision")}
 
 
 def format_scores(scores: dict, split: VQA2Split, source: str) -> str:
     lines = [f"{source}", f"split    {split.split}: {len(split)} questions about {len(split.image_ids)} images",
-             f"official VQA accuracy (vqaEval.py)", f"overall  {scores['overall']:.2f}",
+             f"official VQA accuracy (vqaEval.py at {scores['revision']}: "
+             f"{vqa_metric.REVISIONS[scores['revision']]})", f"overall  {scores['overall']:.2f}",
              "per answer type:"]
     lines += [f"  {k:<24} {v:.2f}" for k, v in sorted(scores["perAnswerType"].items())]
     lines.append("per question type:")
@@ -74,7 +76,7 @@ def run(args) -> str:
     if args.score_results:
         split = load_vqa2(args.data_root, args.split, annotations=True, check_images=False)
         answers = vqa_metric.load_results(args.score_results, split.question_ids)
-        scores = score(split, answers)
+        scores = score(split, answers, args.metric_revision)
         return json.dumps(scores, indent=2) if args.json else format_scores(scores, split, f"results  {args.score_results}")
     predictor = Predictor.from_file(args.weights, device=args.device, precision=args.precision)
     split = load_vqa2(args.data_root, args.split, annotations=None)
@@ -92,7 +94,7 @@ def run(args) -> str:
         print(f"wrote {args.results} ({len(split)} results, official format)", file=sys.stderr)
     if not split.has_annotations:
         return f"split {args.split} has no annotations: wrote its answers, nothing to score here"
-    scores = score(split, answers)
+    scores = score(split, answers, args.metric_revision)
     if args.json:
         return json.dumps(scores, indent=2)
     return format_scores(scores, split, f"checkpoint {args.weights}")

@@ -22,11 +22,14 @@ from pathlib import Path
 
 import torch
 
-from models import ImageQuestions, Predictor
+from models import CheckpointError, ImageQuestions, Predictor
 
+from . import eval_vqa2
 from .data import VQASplit, load_easy_vqa, question_kind
 from .phrasings import natural_split
 from .train import DEFAULT_OUT
+from .vqa2 import DatasetError
+from .vqa_metric import DEFAULT_REVISION, REVISIONS, ResultsError
 
 
 def evaluate(predictor: Predictor, split: VQASplit, batch_images: int = 64) -> dict:
@@ -140,13 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     vqa2.add_argument("--score-results", type=Path, metavar="FILE",
                       help="score this results file (no checkpoint needed); any model's")
     vqa2.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    vqa2.add_argument("--metric-revision", choices=list(REVISIONS), default=DEFAULT_REVISION,
+                      help="which revision of the official vqaEval.py (GT-Vision-Lab/VQA) to compute: "
+                      + "; ".join(f"{k}: {v}" for k, v in REVISIONS.items()) + f" (default: {DEFAULT_REVISION})")
     args = p.parse_args(argv)
     if args.dataset == "vqa2":
-        from . import eval_vqa2
-        from .vqa2 import DatasetError
-        from .vqa_metric import ResultsError
-        from models import CheckpointError
-
         try:
             print(eval_vqa2.run(args))
         except (DatasetError, ResultsError, CheckpointError) as e:

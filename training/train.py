@@ -8,10 +8,11 @@ augmentation. Model selection (best epoch) uses a validation split of *train* im
 out by image, so no question about a validation image is ever trained on; the test split is
 never read here (``vqa-eval`` reports it).
 
-Recipe (see ``weights/README.md`` for the measured result): the image encoder learns at a
-lower rate than the rest, the L2-normalised image feature gets a learnable scale, light
-augmentation (horizontal flips, +-4 px shifts), and an auxiliary training-only head predicts
-the image's shape and colour from its feature so the encoder is pushed to see both.
+Recipe (:mod:`training.recipe`, shared with VQA v2; ``weights/README.md`` has the measured
+result): the image encoder learns at a lower rate than the rest, the L2-normalised image
+feature gets a learnable scale, light augmentation (horizontal flips, +-4 px shifts), and an
+auxiliary training-only head predicts the image's shape and colour from its feature so the
+encoder is pushed to see both.
 """
 
 from __future__ import annotations
@@ -20,56 +21,32 @@ import argparse
 import json
 import math
 import platform
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from models import (
-    AnswerVocabulary,
-    Checkpoint,
-    ImageEncoderConfig,
-    QuestionEncoderConfig,
-    VQAConfig,
-    VQAModel,
-    Vocabulary,
-    save_checkpoint,
-)
+from models import AnswerVocabulary, Checkpoint, VQAModel, Vocabulary, save_checkpoint
 from models.predictor import resolve_device
-from models.transforms import normalize
 from models.question import pad_questions
+from models.transforms import normalize
 
 from .data import COLORS, SHAPES, VQASplit, image_attribute_labels, load_easy_vqa
 from .phrasings import Rephraser, with_rephrasings
+from .recipe import AUGMENTATIONS, augmenter, compact_config, optimizer_and_schedule, seed_everything
+from .train_vqa2 import train_vqa2
+from .vqa2 import DatasetError
+from .features import FeatureCacheError
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "weights" / "easy-vqa.safetensors"
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def encode_questions(vocab: Vocabulary, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pad_questions([vocab.encode(t, max_tokens=max_tokens) for t in texts])
-
-
-def augment(images: torch.Tensor, gen: torch.Generator, shift: int = 4) -> torch.Tensor:
-    """Random horizontal flip and +-``shift`` px translation (edge-replicated) per image."""
-    b, _, h, w = images.shape
-    flip = torch.rand(b, generator=gen) < 0.5
-    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")
-    dx = torch.randint(0, 2 * shift + 1, (b,), generator=gen)
-    dy = torch.randint(0, 2 * shift + 1, (b,), generator=gen)
-    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
 
 
 class AuxHead(nn.Module):
@@ -82,32 +59,6 @@ class AuxHead(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.shape(feats), self.color(feats)
-
-
-def compact_config(vocab_size: int, num_answers: int, args: argparse.Namespace) -> VQAConfig:
-    return VQAConfig(
-        image=ImageEncoderConfig(
-            image_size=args.image_size,
-            width=args.width,
-            batch_norm=not args.no_batch_norm,
-            pool_size=args.pool_size,
-            embed_size=args.embed_size,
-            dropout=args.dropout,
-            depth=args.vgg_depth,
-        ),
-        question=QuestionEncoderConfig(
-            vocab_size=vocab_size,
-            word_dim=args.word_dim,
-            hidden_size=args.hidden_size,
-            num_layers=args.num_layers,
-            embed_size=args.embed_size,
-            max_tokens=32,
-        ),
-        num_answers=num_answers,
-        head_hidden=args.head_hidden,
-        dropout=args.dropout,
-        image_scale_init=args.image_scale_init,
-    )
 
 
 @torch.no_grad()
@@ -130,6 +81,8 @@ def evaluate_split(model: VQAModel, split: VQASplit, ids: torch.Tensor, lengths:
 
 
 def train(args: argparse.Namespace) -> dict:
+    if args.aux_weight is None:
+        args.aux_weight = 0.5
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,19 +122,11 @@ def train(args: argparse.Namespace) -> dict:
     for q, row in enumerate(train_split.image_index.tolist()):
         by_image[row].append(q)
 
-    image_params = list(model.image_encoder.parameters())
-    image_ids = {id(p) for p in image_params}
-    other_params = [p for p in model.parameters() if id(p) not in image_ids] + list(aux.parameters())
-    optimizer = torch.optim.Adam([
-        {"params": image_params, "lr": args.image_lr},
-        {"params": other_params, "lr": args.lr},
-    ])
     steps_per_epoch = math.ceil(len(train_split.images) / args.batch_images)
-    total_steps = steps_per_epoch * args.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    )
+    optimizer, scheduler = optimizer_and_schedule(model, list(aux.parameters()), args.image_lr, args.lr,
+                                                  steps_per_epoch * args.epochs)
     gen = torch.Generator().manual_seed(args.seed + 1)
+    augment = augmenter(args.augment or "flip-shift", args.image_size, gen)
     mean, std = cfg.image.mean, cfg.image.std
 
     history = []
@@ -199,7 +144,8 @@ def train(args: argparse.Namespace) -> dict:
             qs = torch.tensor([q for r in rows.tolist() for q in by_image[r]], dtype=torch.long)
             local = {r: i for i, r in enumerate(rows.tolist())}
             q_rows = torch.tensor([local[int(train_split.image_index[q])] for q in qs], dtype=torch.long)
-            pixels = normalize(augment(train_split.images[rows], gen), mean, std).to(device)
+            images = train_split.images[rows]
+            pixels = normalize(augment(images) if augment is not None else images, mean, std).to(device)
 
             feats = model.encode_images(pixels)
             lengths = q_len[qs]
@@ -274,7 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-images", type=int, default=32, help="images per step (all their questions ride along)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate outside the image encoder")
     p.add_argument("--image-lr", type=float, default=3e-4, help="image encoder learning rate")
-    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the shape/colour auxiliary loss")
+    p.add_argument("--aux-weight", type=float, default=None,
+                   help="weight of the auxiliary loss on the image feature (training/recipe.py; default 0.5 for "
+                   "easy-VQA's shape/colour head, 1 for vqa2's question-type head); 0 = none")
+    p.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                   help="training augmentation (default: flip-shift for easy-VQA, shift for vqa2: VQA v2 asks "
+                   "about left and right, which a flip would swap)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="train images held out for model selection")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--width", type=float, default=0.25, help="VGG16 channel multiplier (1.0 = torchvision vgg16)")
@@ -300,28 +251,37 @@ def build_parser() -> argparse.ArgumentParser:
     vqa2.add_argument("--split", default="train2014", help="split to train on")
     vqa2.add_argument("--val-split", help="split for model selection (default: --val-fraction of the training images)")
     vqa2.add_argument("--num-answers", type=int, default=1000, help="answer vocabulary: the most frequent normalised answers")
+    vqa2.add_argument("--aux", choices=("question-types", "answer-bag"), default="question-types",
+                      help="the auxiliary head on the image feature (training/recipe.py): each consistent kind of "
+                      "open-ended question answered from the image alone, or one multi-label answer bag per image")
+    vqa2.add_argument("--target", choices=("frequency", "accuracy"), default="frequency",
+                      help="each question's training target: the share of annotators who gave each answer "
+                      "(frequency), or the official accuracy each answer would score (accuracy: 1 for four or "
+                      "more annotators of ten, so a 7-3 split teaches almost nothing)")
     vqa2.add_argument("--features-cache", type=Path,
                       help="extract VGG features once into this folder (resumable) and train from them, VGG frozen")
     vqa2.add_argument("--workers", type=int, default=0, help="image decoding processes (0: in the training process)")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.dataset == "vqa2":
-        from .train_vqa2 import train_vqa2
-        from .vqa2 import DatasetError
-        from .features import FeatureCacheError
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options whose default depends on ``--dataset`` (``None`` when not given)."""
+    vqa2 = args.dataset == "vqa2"
+    if args.aux_weight is None:
+        args.aux_weight = 1.0 if vqa2 else 0.5
+    args.out = args.out or (Path("vqa2.safetensors") if vqa2 else DEFAULT_OUT)
+    args.name = args.name or (f"vqa2-vgg{args.vgg_depth}-lstm" if vqa2 else "easy-vqa-vgg16q-lstm")
+    return args
 
-        args.out = args.out or Path("vqa2.safetensors")
-        args.name = args.name or f"vqa2-vgg{args.vgg_depth}-lstm"
+
+def main(argv: list[str] | None = None) -> None:
+    args = resolve_defaults(build_parser().parse_args(argv))
+    if args.dataset == "vqa2":
         try:
             info = train_vqa2(args)
         except (DatasetError, FeatureCacheError) as e:
             raise SystemExit(f"vqa-train: {e}") from None
     else:
-        args.out = args.out or DEFAULT_OUT
-        args.name = args.name or "easy-vqa-vgg16q-lstm"
         info = train(args)
     if args.quiet:
         print(json.dumps({k: info[k] for k in ("selected_epoch", "val_accuracy", "train_seconds")}))

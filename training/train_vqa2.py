@@ -3,9 +3,17 @@
 * Answers: the ``--num-answers`` most frequent annotator answers of the training questions,
   after the official normalisation (:mod:`training.vqa_metric`), so the model's answers are
   already in the form the metric compares.
-* Loss: soft cross-entropy against the VQA soft scores, min(#annotators who gave it / 3, 1),
-  normalised to a distribution per question (questions none of whose answers is in the
-  vocabulary carry no loss), rather than one sampled answer.
+* Loss: soft cross-entropy against a distribution over the vocabulary per question
+  (questions none of whose answers is in the vocabulary carry no loss), rather than one
+  sampled answer: by default (``--target frequency``) the share of the ten annotators who gave
+  each answer; ``--target accuracy`` uses the official accuracy each answer would score
+  (0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / 4+ matching annotators), normalised. Plus
+  ``--aux-weight`` (default 1) x the loss of an auxiliary head on the image feature alone:
+  by default one softmax per consistent question type (:class:`training.recipe.QuestionTypeHead`),
+  or ``--aux answer-bag`` (:class:`training.recipe.AnswerBagHead`).
+* The rest of the recipe is easy-VQA's (:mod:`training.recipe`): a lower learning rate for the
+  image encoder, a learnable scale on its feature, one cosine decay, shifts as augmentation
+  (``--augment``; not with ``--features-cache``, where the backbone runs once per image).
 * Model selection: the official accuracy on a held-out part of the training split (by image,
   ``--val-fraction``), or on ``--val-split`` when one is named. The split you report on is
   only read by ``vqa-eval``.
@@ -32,7 +40,9 @@ from models.question import pad_questions
 
 from . import vqa_metric
 from .features import extract_features
-from .vqa2 import VQA2Split, answer_vocabulary, iter_images, load_vqa2, nonempty, soft_scores
+from .recipe import (AnswerBagHead, QuestionTypeHead, answer_bags, augmenter, compact_config,
+                     consistent_question_types, optimizer_and_schedule, seed_everything)
+from .vqa2 import VQA2Split, answer_frequencies, answer_vocabulary, iter_images, load_vqa2, nonempty, soft_scores
 
 
 def _dense(scores: list[dict[int, float]], rows: torch.Tensor, num_answers: int) -> torch.Tensor:
@@ -53,14 +63,17 @@ class _Images:
         self.transform = model.cfg.image.transform
         self.workers = workers
 
-    def batches(self, rows: list[int], batch_size: int):
-        """Yield (rows_chunk, [b, embed] image embeddings, with grad where training)."""
+    def batches(self, rows: list[int], batch_size: int, augment=None):
+        """Yield (rows_chunk, [b, embed] image embeddings, with grad where training);
+        ``augment`` (uint8 pixels -> pixels) is applied to decoded images, not to cached features."""
         if self.features is not None:
             for i in range(0, len(rows), batch_size):
                 chunk = rows[i : i + batch_size]
                 yield chunk, self.model.image_encoder.embed(self.features[chunk].to(self.device))
         else:
             for chunk, pixels in iter_images(self.paths, self.transform, rows, batch_size, self.workers):
+                if augment is not None:
+                    pixels = augment(pixels)
                 yield chunk, self.model.encode_images(self.transform.normalize(pixels).to(self.device))
 
 
@@ -103,9 +116,45 @@ def official_accuracy(split: VQA2Split, predictions: dict[int, str]) -> float:
     return sum(per_q.values()) / len(per_q)
 
 
-def train_vqa2(args: argparse.Namespace) -> dict:
-    from .train import compact_config, seed_everything
+class Auxiliary:
+    """The auxiliary head on the image feature (training/recipe.py) and the targets it learns."""
 
+    def __init__(self, kind: str, head: torch.nn.Module, device: torch.device, bags=None, kind_of=None) -> None:
+        self.kind, self.head, self.device = kind, head, device
+        self.bags, self.kind_of = bags, kind_of
+
+    @classmethod
+    def build(cls, args, split: VQA2Split, targets, scores, embed: int, num_answers: int,
+              device: torch.device) -> "Auxiliary | None":
+        if args.aux_weight <= 0:
+            return None
+        if args.aux == "answer-bag":
+            bags = answer_bags(scores, split.image_index, len(split.image_ids))
+            return cls("answer-bag", AnswerBagHead(embed, num_answers).to(device), device, bags=bags)
+        types = [split.by_question[qid]["question_type"] for qid in split.question_ids]
+        open_ended = [split.by_question[qid]["answer_type"] != "yes/no" for qid in split.question_ids]
+        kinds = consistent_question_types(split, targets, open_ended)
+        if not kinds:
+            return None
+        kind_of = torch.tensor([kinds.index(t) if o and t in kinds else -1 for t, o in zip(types, open_ended)])
+        return cls("question-types", QuestionTypeHead(embed, num_answers, len(kinds)).to(device), device,
+                   kind_of=kind_of)
+
+    def loss(self, feats: torch.Tensor, chunk: list[int], qs: torch.Tensor, q_rows: torch.Tensor,
+             target: torch.Tensor) -> torch.Tensor:
+        """``feats``: the step's images' (scaled) features; ``qs``/``q_rows``/``target``: its
+        questions, the row of each one's image, and their answer targets."""
+        if self.kind == "answer-bag":
+            bag = _dense(self.bags, torch.tensor(chunk), self.head.linear.out_features).to(self.device)
+            return AnswerBagHead.loss(self.head(feats), bag)
+        opened = self.kind_of[qs] >= 0
+        return QuestionTypeHead.loss(self.head(feats), q_rows[opened].to(self.device),
+                                     self.kind_of[qs][opened].to(self.device), target[opened].to(self.device))
+
+
+def train_vqa2(args: argparse.Namespace) -> dict:
+    if args.aux_weight is None:
+        args.aux_weight = 1.0
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,6 +188,7 @@ def train_vqa2(args: argparse.Namespace) -> dict:
     vocab = Vocabulary.build(train_split.questions)
     scores = soft_scores(train_split, answers.index)
     answerable = sum(1 for s in scores if s)
+    targets = answer_frequencies(train_split, answers.index) if args.target == "frequency" else scores
 
     cfg = compact_config(len(vocab), len(answers), args)
     model = VQAModel(cfg).to(device)
@@ -165,34 +215,32 @@ def train_vqa2(args: argparse.Namespace) -> dict:
 
     q_ids, q_len = _encode(vocab, train_split.questions, cfg.question.max_tokens)
     by_image = _questions_by_image(train_split)
-    image_params = [p for p in model.image_encoder.parameters() if p.requires_grad]
-    image_ids_ = {id(p) for p in model.image_encoder.parameters()}
-    other_params = [p for p in model.parameters() if id(p) not in image_ids_]
-    optimizer = torch.optim.Adam([
-        {"params": image_params, "lr": args.lr if frozen else args.image_lr},  # frozen: projection only
-        {"params": other_params, "lr": args.lr},
-    ])
+    aux = Auxiliary.build(args, train_split, targets, scores, cfg.image.embed_size, len(answers), device)
     n_train = len(train_split.image_ids)
     steps_per_epoch = math.ceil(n_train / args.batch_images)
-    total_steps = steps_per_epoch * args.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    optimizer, scheduler = optimizer_and_schedule(
+        model, list(aux.head.parameters()) if aux is not None else [],
+        args.lr if frozen else args.image_lr, args.lr, steps_per_epoch * args.epochs)  # frozen: projection only
     gen = torch.Generator().manual_seed(args.seed + 1)
+    augment = None if frozen else augmenter(args.augment or "shift", cfg.image.image_size,
+                                            torch.Generator().manual_seed(args.seed + 4))
 
     history = []
     best = {"val_accuracy": -1.0, "epoch": 0}
     best_state: dict[str, torch.Tensor] | None = None
     for epoch in range(1, args.epochs + 1):
         model.train()
+        if aux is not None:
+            aux.head.train()
         if frozen:
             model.image_encoder.backbone.eval()
         order = torch.randperm(n_train, generator=gen).tolist()
         loss_sum, seen = 0.0, 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", leave=False,
                    disable=args.quiet, file=sys.stderr)
-        for chunk, feats in train_images.batches(order, args.batch_images):
+        for chunk, feats in train_images.batches(order, args.batch_images, augment):
             qs = torch.tensor([q for r in chunk for q in by_image[r]], dtype=torch.long)
-            target = _dense(scores, qs, len(answers))
+            target = _dense(targets, qs, len(answers))
             keep = target.sum(1) > 0
             bar.update(1)
             if not keep.any():
@@ -204,8 +252,12 @@ def train_vqa2(args: argparse.Namespace) -> dict:
             ids = q_ids[qs][:, : int(lengths.max())].to(device)
             logits = model.answer_logits(feats[q_rows.to(device)], ids, lengths)
             loss = F.cross_entropy(logits, (target / target.sum(1, keepdim=True)).to(device))
+            total = loss
+            if aux is not None:
+                scaled = model.image_scale * feats if model.image_scale is not None else feats
+                total = loss + args.aux_weight * aux.loss(scaled, chunk, qs, q_rows, target)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             optimizer.step()
             scheduler.step()
             loss_sum += loss.item() * len(qs)
@@ -238,7 +290,7 @@ def train_vqa2(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "selected_epoch": best["epoch"],
         "val_accuracy": best["val_accuracy"],
-        "val_metric": "official VQA accuracy (vqaEval.py), 0..1",
+        "val_metric": f"official VQA accuracy (vqaEval.py at {vqa_metric.DEFAULT_REVISION}), 0..1",
         "image_features": "cached, frozen backbone" if frozen else "end to end from pixels",
         "history": history,
         "train_seconds": round(train_seconds, 1),

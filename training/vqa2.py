@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from models.transforms import ImageTransform
 from models.vocab import UNK, UNK_ID, EncodedQuestion
 
-from .vqa_metric import normalize_answer
+from .vqa_metric import DEFAULT_REVISION, accuracy_of_count, compared, normalize_answer
 
 
 class DatasetError(RuntimeError):
@@ -81,10 +81,15 @@ class VQA2Split:
     def image_paths(self) -> list[Path]:
         return [image_path(self.root, self.split, i) for i in self.image_ids]
 
-    def annotator_answers(self, q: int) -> list[str]:
-        """Question ``q``'s annotator answers after the official normalisation."""
+    def annotator_answers(self, q: int, revision: str = DEFAULT_REVISION) -> list[str]:
+        """Question ``q``'s annotator answers as the official metric compares them (normalised
+        when the annotators disagree, only cleaned when they all gave the same answer)."""
+        return [a["answer"] for a in self.compared(q, revision)[0]]
+
+    def compared(self, q: int, revision: str = DEFAULT_REVISION) -> tuple[list[dict], bool]:
+        """:func:`training.vqa_metric.compared` of question ``q``'s annotations."""
         assert self.annotations is not None
-        return [normalize_answer(a["answer"]) for a in self.by_question[self.question_ids[q]]["answers"]]
+        return compared(self.by_question[self.question_ids[q]]["answers"], revision)
 
     def subset_images(self, rows: Sequence[int]) -> "VQA2Split":
         """The split restricted to the images at ``rows`` (with all their questions)."""
@@ -258,21 +263,61 @@ def nonempty(question: EncodedQuestion) -> EncodedQuestion:
     return question if len(question) else EncodedQuestion(question.text, (UNK,), (UNK_ID,), ())
 
 
-def answer_vocabulary(split: VQA2Split, num_answers: int) -> list[str]:
-    """The ``num_answers`` most frequent annotator answers of ``split`` after the official
-    normalisation (ties: alphabetical), empty answers left out."""
+def answer_vocabulary(split: VQA2Split, num_answers: int, revision: str = DEFAULT_REVISION) -> list[str]:
+    """The ``num_answers`` most frequent annotator answers of ``split`` in the form the official
+    metric compares them (ties: alphabetical), empty answers left out: so each answer the model
+    can give is one that scores as given. (Where all ten annotators typed "Yes", only "Yes"
+    scores; where they disagree, every answer is normalised first, "yes" included.)"""
     counts: Counter[str] = Counter()
     for q in range(len(split)):
-        counts.update(a for a in split.annotator_answers(q) if a)
+        counts.update(a for a in split.annotator_answers(q, revision) if a)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return [a for a, _ in ranked[:num_answers]]
 
 
-def soft_scores(split: VQA2Split, answer_index: dict[str, int]) -> list[dict[int, float]]:
-    """Per question, answer id -> VQA soft score min(#annotators who gave it / 3, 1), for the
-    answers in the vocabulary (normalised as the vocabulary is)."""
+def soft_scores(split: VQA2Split, answer_index: dict[str, int],
+                revision: str = DEFAULT_REVISION) -> list[dict[int, float]]:
+    """Per question, answer id -> the official accuracy (0..1) that answer would score there,
+    for the answers of the vocabulary with a non-zero one: the soft targets of training. An
+    answer matching ``m`` of ``n`` annotators scores ``(m·min(1, (m-1)/3) + (n-m)·min(1, m/3)) / n``
+    (0.3, 0.6, 0.9, then 1 for m = 1, 2, 3, 4+ of 10), as the metric's leave-one-out computes.
+    Where the annotators disagree, a vocabulary answer is normalised before it is compared, as
+    a result answer is (its normalised form is looked up; several entries may share one)."""
+    by_form: dict[str, list[int]] = {}
+    for answer, i in answer_index.items():
+        by_form.setdefault(normalize_answer(answer), []).append(i)
     out = []
     for q in range(len(split)):
-        c = Counter(a for a in split.annotator_answers(q) if a in answer_index)
-        out.append({answer_index[a]: min(1.0, n / 3) for a, n in c.items()})
+        answers, normalised = split.compared(q, revision)
+        counts = Counter(a["answer"] for a in answers)
+        scores: dict[int, float] = {}
+        for form, m in counts.items():
+            ids = by_form.get(form, []) if normalised else (
+                [answer_index[form]] if form in answer_index else [])
+            for i in ids:
+                scores[i] = accuracy_of_count(m, len(answers))
+        out.append(scores)
+    return out
+
+
+def answer_frequencies(split: VQA2Split, answer_index: dict[str, int],
+                       revision: str = DEFAULT_REVISION) -> list[dict[int, float]]:
+    """Per question, answer id -> the share of its annotators who gave that answer (in the form
+    the metric compares, so a normalised vocabulary answer collects every annotator form that
+    normalises to it where they disagree). Unlike the official accuracy, which is 1 for any
+    answer four or more of ten gave, these keep the majority: seven "yes" and three "no" are
+    0.7 and 0.3, not 1 and 0.9."""
+    by_form: dict[str, list[int]] = {}
+    for answer, i in answer_index.items():
+        by_form.setdefault(normalize_answer(answer), []).append(i)
+    out = []
+    for q in range(len(split)):
+        answers, normalised = split.compared(q, revision)
+        counts = Counter(a["answer"] for a in answers)
+        shares: dict[int, float] = {}
+        for form, m in counts.items():
+            ids = by_form.get(form, []) if normalised else ([answer_index[form]] if form in answer_index else [])
+            for i in ids:
+                shares[i] = m / len(answers)
+        out.append(shares)
     return out

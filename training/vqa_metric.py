@@ -1,43 +1,50 @@
 """The official VQA accuracy, computed as the VQA team's ``vqaEval.py`` computes it.
 
 Reference: GT-Vision-Lab/VQA, ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` (class
-``VQAEval``) and ``PythonHelperTools/vqaTools/vqa.py`` (``VQA.loadRes``). Written afresh from
-reading them; every step below, quirks included, is what that code does:
+``VQAEval``) at the repository's head, **commit a013f00** ("Fixed processing answers bug",
+2021-03-11), and ``PythonHelperTools/vqaTools/vqa.py`` (``VQA.loadRes``). Written afresh from
+reading them; every step below, quirks included, is what that code does. The Cloud-CV
+evaluation server (the leaderboard) computes the same. Per question:
 
-* The **result answer** is always normalised: newlines and tabs become spaces, the ends are
-  stripped, then :func:`process_punctuation`, then :func:`process_digit_article` (lower-case,
-  number words ``zero``..``ten`` and ``none`` to digits, articles ``a an the`` dropped, missing
-  apostrophes put back: ``dont`` -> ``don't``).
-* The **annotators' answers** are compared as they are in the annotation file, except that
-  *when they are not all identical* each gets :func:`process_punctuation` (only that: never
-  lower-cased, never digit/article-processed). The official annotations are already
-  normalised, so this rarely matters; it does for a hand-made file ("Two" x 10 can never be
-  matched: the result answer is lower-cased and becomes "2").
-* **Accuracy of one question**: for each of the (ten) annotator answers, leave it out and count
-  how many of the *others* equal the result answer exactly; that subset scores
-  ``min(1, matches / 3)``; the question scores the mean over the subsets. "Leave it out" drops
-  every answer record *equal* to it (answer, confidence and id), which with the official unique
-  ``answer_id`` is exactly one.
-* ``overall``, ``perQuestionType``, ``perAnswerType``: 100 x the mean over questions, by
-  Python's ``round(x, 2)``, the per-question values themselves unrounded. Questions are taken
-  in annotation-file order (float sums are summed in that order).
-* :func:`process_punctuation` quirks kept: a punctuation mark is deleted (rather than turned
-  into a space) when it touches a space anywhere in the text or the text contains a
-  digit-comma-digit group anywhere; ``'``, ``:``, ``#``, ``$``, ``%``, ``&``, ``*`` are not in
-  its list; a period is deleted unless a digit follows it (the code's ``(?!<=\\d)`` is a
-  lookahead, not the lookbehind it looks like), and at most 32 periods are deleted (the code
-  passes ``re.UNICODE``, 32, as ``sub``'s ``count``).
-* :func:`process_digit_article` quirks kept: the contraction table's capitalised keys
-  (``Im``, ``Ive``, ``Id've``) can never match lower-cased words, and ``somebody'd`` maps to
-  ``somebodyd``.
+1. **Every annotator answer and the result answer**: newlines and tabs become spaces, the ends
+   are stripped.
+2. **Only if the annotator answers (after step 1) are not all identical**: each of them, and
+   the result answer, gets :func:`process_punctuation` and then :func:`process_digit_article`
+   (lower-case, number words ``zero``..``ten`` and ``none`` to digits, articles ``a an the``
+   dropped, missing apostrophes put back: ``dont`` -> ``don't``). When they are all identical,
+   neither side is normalised further: ten × ``"2"`` does not match ``"two"``, ten ×
+   ``"yes"`` does not match ``"Yes."``.
+3. **Accuracy of the question**: for each of the (ten) annotator answers, leave it out and count
+   how many of the *others* equal the result answer exactly; that subset scores
+   ``min(1, matches / 3)``; the question scores the mean over the subsets. "Leave it out" drops
+   every answer record *equal* to it (answer, confidence and id), which with the official unique
+   ``answer_id`` is exactly one.
+
+``overall``, ``perQuestionType``, ``perAnswerType``: 100 x the mean over questions, by Python's
+``round(x, 2)``, the per-question values themselves unrounded. Questions are taken in
+annotation-file order (float sums are summed in that order).
+
+Quirks kept:
+
+* :func:`process_punctuation`: a punctuation mark is deleted (rather than turned into a space)
+  when it touches a space anywhere in the text or the text contains a digit-comma-digit group
+  anywhere; ``'``, ``:``, ``#``, ``$``, ``%``, ``&``, ``*`` are not in its list; a period is
+  deleted unless a digit follows it (the code's ``(?!<=\\d)`` is a lookahead, not the
+  lookbehind it looks like), and at most 32 periods are deleted (the code passes
+  ``re.UNICODE``, 32, as ``sub``'s ``count``).
+* :func:`process_digit_article`: the contraction table's capitalised keys (``Im``, ``Ive``,
+  ``Id've``) can never match lower-cased words, and ``somebody'd`` maps to ``somebodyd``.
 * Results (``loadRes``): a JSON list of ``{"question_id", "answer"}`` whose question ids are
   exactly the annotation file's, as a set; a question id given twice keeps the last answer.
 
 Rounding: Python 3's ``round`` (ties to even on the exact binary value), as the official code
 computes under Python 3; Python 2 rounded exact binary ties (e.g. 12.125) away from zero.
-The VQA-Challenge server's variant (Cloud-CV/VQA-Challenge) differs from this file: it
-normalises the result answer and digit/article-processes annotator answers only when the
-annotators disagree. This module follows the GT-Vision-Lab file named above.
+
+**The revision before** (a4f1afd, the v2.0 release of 2017, which this module followed until
+issue 26) normalised the result answer always, and gave the annotator answers only
+:func:`process_punctuation`, and only when they disagreed. It scores differently wherever the
+annotators agree on an unnormalised form or carry articles or number words; numbers published
+with it can be reproduced with ``revision="a4f1afd"`` (``vqa-eval --metric-revision a4f1afd``).
 """
 
 from __future__ import annotations
@@ -117,27 +124,61 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
-def clean_result_answer(answer: str) -> str:
-    """What the official code does to a result answer before comparing it."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
+# The revisions of vqaEval.py this module computes, by commit; the first is the default.
+REVISIONS = {
+    "a013f00": "GT-Vision-Lab/VQA head (2021-03-11, 'Fixed processing answers bug'); the evaluation "
+               "server computes the same",
+    "a4f1afd": "the v2.0 release (2017-10-02), before that fix: to reproduce numbers scored with it",
+}
+DEFAULT_REVISION = "a013f00"
+
+
+def _check_revision(revision: str) -> None:
+    if revision not in REVISIONS:
+        raise ValueError(f"unknown vqaEval.py revision {revision!r}; one of {', '.join(REVISIONS)}")
+
+
+def clean(answer: str) -> str:
+    """Step 1: newlines and tabs to spaces, the ends stripped."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
 
 
 def normalize_answer(answer: str) -> str:
-    """The official normalisation of an answer string (the result answer's). Used to build
-    answer vocabularies and training targets, so the model's answers are already in the form
-    the metric compares."""
-    return clean_result_answer(answer)
+    """An answer as the metric compares it when the annotators disagree (step 1, then
+    :func:`process_punctuation` and :func:`process_digit_article`)."""
+    return process_digit_article(process_punctuation(clean(answer)))
 
 
-def question_accuracy(result_answer: str, gt_answers: Sequence[Mapping]) -> float:
-    """Official accuracy (0..1) of one result answer against one question's annotator
-    answers (the ``answers`` list of an annotation: dicts with at least ``answer``)."""
-    res = clean_result_answer(result_answer)
-    answers = [dict(a) for a in gt_answers]  # the official code edits them in place; we copy
+def compared(gt_answers: Sequence[Mapping], revision: str = DEFAULT_REVISION) -> tuple[list[dict], bool]:
+    """One question's annotator answer records as ``revision`` compares them (copies; the
+    official code edits them in place), and whether the result answer is normalised
+    (:func:`normalize_answer`) before it is compared with them (otherwise only cleaned)."""
+    _check_revision(revision)
+    answers = [dict(a) for a in gt_answers]
+    if revision == "a4f1afd":
+        if len({a["answer"] for a in answers}) > 1:
+            for a in answers:
+                a["answer"] = process_punctuation(a["answer"])
+        return answers, True
+    for a in answers:
+        a["answer"] = clean(a["answer"])
     if len({a["answer"] for a in answers}) > 1:
         for a in answers:
-            a["answer"] = process_punctuation(a["answer"])
+            a["answer"] = process_digit_article(process_punctuation(a["answer"]))
+        return answers, True
+    return answers, False
+
+
+def result_form(result_answer: str, normalised: bool) -> str:
+    """The result answer as it is compared (see :func:`compared`)."""
+    return normalize_answer(result_answer) if normalised else clean(result_answer)
+
+
+def question_accuracy(result_answer: str, gt_answers: Sequence[Mapping], revision: str = DEFAULT_REVISION) -> float:
+    """Official accuracy (0..1) of one result answer against one question's annotator
+    answers (the ``answers`` list of an annotation: dicts with at least ``answer``)."""
+    answers, normalised = compared(gt_answers, revision)
+    res = result_form(result_answer, normalised)
     accs = []
     for left_out in answers:
         others = [a for a in answers if a != left_out]
@@ -146,11 +187,23 @@ def question_accuracy(result_answer: str, gt_answers: Sequence[Mapping]) -> floa
     return float(sum(accs)) / len(accs)
 
 
-def evaluate(annotations: Sequence[Mapping], answers: Mapping[int, str], n: int = 2) -> dict:
+def accuracy_of_count(matches: int, total: int) -> float:
+    """:func:`question_accuracy` of an answer that ``matches`` of ``total`` annotator records
+    equal (records with unique ids, as in the official files): leaving out one of the
+    matching ones leaves ``matches - 1``, leaving out another leaves ``matches``."""
+    if total <= 0:
+        return 0.0
+    return (matches * min(1.0, (matches - 1) / 3) + (total - matches) * min(1.0, matches / 3)) / total
+
+
+def evaluate(annotations: Sequence[Mapping], answers: Mapping[int, str], n: int = 2,
+             revision: str = DEFAULT_REVISION) -> dict:
     """Official accuracy of ``answers`` (question id -> answer) on ``annotations`` (the
-    annotation file's ``annotations`` list, in file order). Returns ``{"overall",
-    "perQuestionType", "perAnswerType"}`` in percent, rounded to ``n`` places, plus
-    ``"perQuestion"`` (question id -> unrounded 0..1) for callers that need it."""
+    annotation file's ``annotations`` list, in file order), as vqaEval.py at ``revision``
+    computes it. Returns ``{"overall", "perQuestionType", "perAnswerType"}`` in percent,
+    rounded to ``n`` places, plus ``"perQuestion"`` (question id -> unrounded 0..1) and
+    ``"revision"``."""
+    _check_revision(revision)
     acc_qa: list[float] = []
     by_qtype: dict[str, list[float]] = OrderedDict()
     by_atype: dict[str, list[float]] = OrderedDict()
@@ -159,7 +212,7 @@ def evaluate(annotations: Sequence[Mapping], answers: Mapping[int, str], n: int 
         raise ValueError("no annotations to score")
     for ann in annotations:
         qid = ann["question_id"]
-        acc = question_accuracy(answers[qid], ann["answers"])
+        acc = question_accuracy(answers[qid], ann["answers"], revision)
         acc_qa.append(acc)
         by_qtype.setdefault(ann["question_type"], []).append(acc)
         by_atype.setdefault(ann["answer_type"], []).append(acc)
@@ -169,6 +222,7 @@ def evaluate(annotations: Sequence[Mapping], answers: Mapping[int, str], n: int 
         "perQuestionType": {k: round(100 * float(sum(v)) / len(v), n) for k, v in by_qtype.items()},
         "perAnswerType": {k: round(100 * float(sum(v)) / len(v), n) for k, v in by_atype.items()},
         "perQuestion": per_question,
+        "revision": revision,
     }
 
 

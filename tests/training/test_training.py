@@ -61,8 +61,7 @@ def test_shipped_checkpoint_records_how_it_was_made(shipped_weights):
     assert info["seed"] == 0 and info["selected_epoch"] >= 1
     assert info["val_images"] == 400 and info["train_images"] == 3600  # validation held out of train
     assert info["hyperparameters"]["rephrase_prob"] == 0.5  # trained with natural phrasings
-    defaults = vars(train.build_parser().parse_args([]))
-    defaults["name"] = defaults["name"] or "easy-vqa-vgg16q-lstm"  # as vqa-train's main() resolves it
+    defaults = vars(train.resolve_defaults(train.build_parser().parse_args([])))  # as vqa-train's main()
     assert {k: defaults[k] for k in info["hyperparameters"]} == info["hyperparameters"]  # vqa-train's defaults
     assert "test" not in info["dataset"]
     assert shipped_weights.stat().st_size <= 25 * 1024 * 1024

@@ -13,7 +13,7 @@ import torch
 
 from models import AnswerVocabulary, Checkpoint, VQAModel, Vocabulary, load_checkpoint, save_checkpoint
 from models.vgg import ImageEncoderConfig, VGGBackbone
-from training import evaluate, train, vqa_metric
+from training import evaluate, recipe, train, vqa_metric
 from training.features import FeatureCacheError, extract_features
 from training.vqa2 import (
     DatasetError,
@@ -121,26 +121,38 @@ def test_mismatched_ids_and_bad_json(root_copy: Path):
 # --- answers ----------------------------------------------------------------------------------
 
 
-def test_answer_vocabulary_uses_the_official_normalisation(vqa2_root: Path):
+def test_answer_vocabulary_holds_the_forms_the_metric_compares(vqa2_root: Path):
     s = load_vqa2(vqa2_root, "train2014", annotations=True)
     raw = Counter(a["answer"] for q in s.question_ids for a in s.by_question[q]["answers"])
     assert raw["Two"] > 0 and raw["red."] > 0 and raw["the circle"] > 0  # the fixture's variants
     vocab = answer_vocabulary(s, 1000)
-    assert "2" in vocab and "Two" not in vocab and "two" not in vocab  # number words -> digits
-    assert "red." not in vocab and "the circle" not in vocab and "Red" not in vocab
+    # Where annotators disagree, their answers are normalised: number words -> digits, articles
+    # and periods dropped, lower case; where all ten agree, the form they typed is compared.
+    forms = Counter()
+    for q in range(len(s)):
+        forms.update(s.annotator_answers(q))
+    assert set(vocab) == {a for a in forms if a}
+    assert "2" in vocab and "red" in vocab and "circle" in vocab
+    for q in range(len(s)):
+        answers, normalised = s.compared(q)
+        if normalised:
+            assert all(a["answer"] == vqa_metric.normalize_answer(a["answer"]) for a in answers)
+        else:
+            assert len({a["answer"] for a in answers}) == 1
     assert len(vocab) == len(set(vocab))
     top3 = answer_vocabulary(s, 3)
     assert top3 == vocab[:3] and len(top3) == 3
 
 
-def test_soft_scores_are_min_count_over_3(vqa2_root: Path):
+def test_soft_scores_are_the_official_accuracy_of_each_answer(vqa2_root: Path):
     s = load_vqa2(vqa2_root, "train2014", annotations=True)
     vocab = answer_vocabulary(s, 1000)
     index = {a: i for i, a in enumerate(vocab)}
     scores = soft_scores(s, index)
-    for q in range(50):
-        counts = Counter(vqa_metric.normalize_answer(a["answer"]) for a in s.by_question[s.question_ids[q]]["answers"])
-        assert scores[q] == {index[a]: min(1.0, n / 3) for a, n in counts.items() if a in index}
+    for q in range(80):
+        gt = s.by_question[s.question_ids[q]]["answers"]
+        expected = {i: vqa_metric.question_accuracy(a, gt) for a, i in index.items()}
+        assert scores[q] == pytest.approx({i: v for i, v in expected.items() if v > 0})
 
 
 # --- training and evaluation on the fixture ---------------------------------------------------
@@ -184,7 +196,8 @@ def test_vqa2_training_learns_and_eval_writes_official_results(vqa2_root: Path, 
     evaluate.main([str(out), "--dataset", "vqa2", "--data-root", str(vqa2_root), "--split", "val2014",
                    "--results", str(results), "--json", "--device", "cpu"])
     scores = json.loads(capsys.readouterr().out)
-    assert set(scores) == {"overall", "perAnswerType", "perQuestionType"}
+    assert set(scores) == {"overall", "perAnswerType", "perQuestionType", "revision"}
+    assert scores["revision"] == "a013f00"
     assert set(scores["perAnswerType"]) == {"yes/no", "number", "other"}
     val = load_vqa2(vqa2_root, "val2014", annotations=True)
     written = json.loads(results.read_text())
@@ -228,7 +241,7 @@ def _tiny_checkpoint(path: Path, questions: list[str], answers: list[str]) -> No
                                             "--embed-size", "8", "--word-dim", "8", "--hidden-size", "8",
                                             "--head-hidden", "8"])
     vocab = Vocabulary.build(questions)
-    model = VQAModel(train.compact_config(len(vocab), len(answers), args)).eval()
+    model = VQAModel(recipe.compact_config(len(vocab), len(answers), args)).eval()
     save_checkpoint(path, Checkpoint(model=model, vocab=vocab, answers=AnswerVocabulary(answers), name="tiny"))
 
 

@@ -1,7 +1,9 @@
-"""The official VQA accuracy against cases computed by hand, quirks of vqaEval.py included.
+"""The official VQA accuracy against cases computed by hand, quirks of vqaEval.py included,
+at GT-Vision-Lab/VQA's head (a013f00, the default) and at the v2.0 release (a4f1afd).
 
 Per question: for each of the ten annotator answers, leave it out, count the others equal to
-the (normalised) result answer, score min(1, count / 3); average the ten scores.
+the result answer (both normalised only where the annotators disagree), score
+min(1, count / 3); average the ten scores.
 """
 
 import json
@@ -10,6 +12,7 @@ import pytest
 
 from training.vqa_metric import (
     ResultsError,
+    accuracy_of_count,
     check_results,
     evaluate,
     load_results,
@@ -28,31 +31,78 @@ def acc(result: str, *answers: str) -> float:
     return question_accuracy(result, gts(*answers))
 
 
-# --- identical answers ---------------------------------------------------------------------
+# --- per-question accuracy, both revisions ---------------------------------------------------
+# (result, annotator answers, accuracy by the head a013f00, by the v2.0 release a4f1afd),
+# each computed by hand. The head cleans both sides (newlines, tabs, ends), then normalises both
+# sides only when the ten annotators are not all identical; a4f1afd normalised the result
+# always and gave disagreeing annotators punctuation processing only.
+R = "red"
+CASES = [
+    # all ten identical: the head compares raw (only cleaned)
+    ("yes", ["yes"] * 10, 1.0, 1.0),  # 9 others match in every subset: min(1, 9/3)
+    ("no", ["yes"] * 10, 0.0, 0.0),
+    ("Yes", ["yes"] * 10, 0.0, 1.0),  # not lower-cased any more
+    ("yes.", ["yes"] * 10, 0.0, 1.0),  # nor its period stripped
+    ("Yes.", ["yes"] * 10, 0.0, 1.0),
+    (" yes\n", ["yes"] * 10, 1.0, 1.0),  # newlines/tabs to spaces, ends stripped: both
+    ("2", ["two"] * 10, 0.0, 0.0),
+    ("two", ["2"] * 10, 0.0, 1.0),  # a4f1afd turned the result's "two" into "2"
+    ("two", ["two"] * 10, 1.0, 0.0),  # ...and so could never match ten "two"s
+    ("a dog", ["dog"] * 10, 0.0, 1.0),
+    ("a dog", ["a dog"] * 10, 1.0, 0.0),
+    ("red.", ["red."] * 10, 1.0, 0.0),
+    ("red", ["red."] * 10, 0.0, 0.0),
+    ("YES", ["Yes"] * 10, 0.0, 0.0),
+    ("yes", [" yes"] * 10, 1.0, 0.0),  # the head cleans annotator answers too; a4f1afd compared " yes"
+    # disagreeing annotators: leave-one-out over the others
+    (R, [R] + ["blue"] * 9, 0.3, 0.3),  # (1 x 0 + 9 x 1/3) / 10
+    (R, [R] * 2 + ["blue"] * 8, 0.6, 0.6),  # (2 x 1/3 + 8 x 2/3) / 10
+    (R, [R] * 3 + ["blue"] * 7, 0.9, 0.9),  # (3 x 2/3 + 7 x 1) / 10: three annotators is 90%
+    (R, [R] * 4 + ["blue"] * 6, 1.0, 1.0),
+    ("blue", [R] * 2 + ["blue"] * 8, 1.0, 1.0),
+    ("green", [R] * 2 + ["blue"] * 8, 0.0, 0.0),
+    # ...whose answers carry articles, number words, case or punctuation
+    (R, ["the red", "the red", R] + ["blue"] * 7, 0.9, 0.3),  # head: 3 x "red"; a4f1afd: 1
+    (R, ["the red"] * 3 + ["blue"] * 7, 0.9, 0.0),
+    ("2", ["two", "2", "2"] + ["3"] * 7, 0.9, 0.6),  # head: 3 x "2"; a4f1afd: 2
+    ("two", ["two", "2", "2"] + ["3"] * 7, 0.9, 0.6),
+    ("2", ["two"] * 4 + ["2"] * 6, 1.0, 1.0),
+    ("yes", ["Yes"] * 8 + ["yes"] * 2, 1.0, 0.6),  # head: all "yes"; a4f1afd: Yes stays Yes
+    ("yes", ["Yes"] * 4 + ["yes"] * 6, 1.0, 1.0),
+    (R, ["red."] * 3 + ["blue"] * 7, 0.9, 0.9),
+    ("an apple", ["apple"] * 3 + ["pear"] * 7, 0.9, 0.9),
+    ("a dog", ["a dog"] * 5 + ["dog"] * 5, 1.0, 1.0),
+    ("dont know", ["don't know"] * 3 + ["no"] * 7, 0.9, 0.9),
+    ("isnt", ["isn't"] * 3 + ["no"] * 7, 0.9, 0.9),
+    # empty result answers
+    ("", ["yes"] * 10, 0.0, 0.0),
+    ("", [""] * 10, 1.0, 1.0),
+    ("  ", [""] * 10, 1.0, 1.0),
+    ("", [""] * 3 + ["yes"] * 7, 0.9, 0.9),
+    ("the", [""] * 3 + ["yes"] * 7, 0.9, 0.9),  # what normalises to nothing matches empty answers
+    ("?", [""] * 3 + ["yes"] * 7, 0.9, 0.9),
+    ("the", ["the"] * 10, 1.0, 0.0),
+]
 
 
-def test_identical_answers():
-    assert acc("yes", *["yes"] * 10) == 1.0  # 9 others match in every subset: min(1, 9/3)
-    assert acc("no", *["yes"] * 10) == 0.0
-    assert acc("Yes", *["yes"] * 10) == 1.0  # the result answer is lower-cased
-    assert acc(" yes\n", *["yes"] * 10) == 1.0  # newlines/tabs to spaces, ends stripped
+@pytest.mark.parametrize("result,answers,head,v20", CASES)
+def test_question_accuracy_by_revision(result, answers, head, v20):
+    assert acc(result, *answers) == pytest.approx(head)  # the default: the head
+    assert question_accuracy(result, gts(*answers), "a013f00") == pytest.approx(head)
+    assert question_accuracy(result, gts(*answers), "a4f1afd") == pytest.approx(v20)
 
 
-# --- disagreeing annotators ----------------------------------------------------------------
+def test_the_revisions_disagree_where_the_issue_says():
+    """The cases named in issue 26, each scored differently by the two revisions."""
+    disagree = [(r, a) for r, a, head, v20 in CASES if head != v20]
+    assert ("two", ["2"] * 10) in disagree and ("Yes.", ["yes"] * 10) in disagree
+    assert (R, ["the red", "the red", R] + ["blue"] * 7) in disagree
+    assert ("2", ["two", "2", "2"] + ["3"] * 7) in disagree
 
 
-def test_disagreeing_annotators_leave_one_out():
-    # 1 of 10 said red: leaving it out leaves 0 (1 subset), leaving a blue out leaves 1 -> 1/3
-    # (9 subsets): (0 + 9/3) / 10 = 0.3
-    assert acc("red", "red", *["blue"] * 9) == pytest.approx(0.3)
-    # 2 said red: (2 x 1/3 + 8 x 2/3) / 10 = 0.6
-    assert acc("red", "red", "red", *["blue"] * 8) == pytest.approx(0.6)
-    # 3 said red: (3 x 2/3 + 7 x 1) / 10 = 0.9 ("3 annotators" is 90%, not 100%)
-    assert acc("red", *["red"] * 3, *["blue"] * 7) == pytest.approx(0.9)
-    # 4 said red: every subset still has >= 3: 1.0
-    assert acc("red", *["red"] * 4, *["blue"] * 6) == 1.0
-    assert acc("blue", "red", "red", *["blue"] * 8) == 1.0
-    assert acc("green", "red", "red", *["blue"] * 8) == 0.0
+def test_an_unknown_revision_is_refused():
+    with pytest.raises(ValueError, match="unknown vqaEval.py revision"):
+        question_accuracy("yes", gts("yes"), "HEAD")
 
 
 def test_leave_one_out_drops_every_equal_record():
@@ -67,10 +117,18 @@ def test_leave_one_out_drops_every_equal_record():
     assert question_accuracy("red", answers) == pytest.approx(8 * (2 / 3) / 10)  # 0.5333, not 0.6
 
 
-def test_annotator_answers_are_not_lower_cased():
-    assert acc("yes", *["Yes"] * 4, *["yes"] * 6) == 1.0  # 6 lower-case matches suffice
-    assert acc("YES", *["Yes"] * 10) == 0.0  # "yes" never equals "Yes"
-    assert acc("yes", *["Yes"] * 8, "yes", "yes") == pytest.approx(0.6)
+def test_accuracy_of_count_is_the_leave_one_out_mean():
+    for m in range(11):
+        answers = ["x"] * m + ["y"] * (10 - m)
+        assert accuracy_of_count(m, 10) == pytest.approx(acc("x", *answers))
+    assert [round(accuracy_of_count(m, 10), 6) for m in range(5)] == [0.0, 0.3, 0.6, 0.9, 1.0]
+
+
+def test_the_official_code_edits_nothing_we_pass():
+    answers = gts("The red", "red", "blue")
+    before = [dict(a) for a in answers]
+    question_accuracy("red", answers)
+    assert answers == before
 
 
 # --- punctuation ---------------------------------------------------------------------------
@@ -90,55 +148,16 @@ def test_punctuation_rules():
     assert process_punctuation("." * 40) == "." * 8
 
 
-def test_punctuation_in_answers():
-    assert acc("yes.", *["yes"] * 10) == 1.0  # the result answer is always cleaned
-    assert acc("red", *["red."] * 3, *["blue"] * 7) == pytest.approx(0.9)  # disagreement: cleaned
-    # Quirk: identical annotator answers are compared raw, so "red." x 10 is never matched.
-    assert acc("red.", *["red."] * 10) == 0.0
-    assert acc("red", *["red."] * 10) == 0.0
-
-
 # --- articles, number words, contractions --------------------------------------------------
 
 
-def test_articles():
+def test_digit_article_rules():
     assert process_digit_article("the the Cat") == "cat"
-    assert acc("a dog", *["dog"] * 10) == 1.0
-    assert acc("an apple", *["apple"] * 3, *["pear"] * 7) == pytest.approx(0.9)
-    # Annotator answers never lose their articles: "a dog" x 10 cannot be matched.
-    assert acc("a dog", *["a dog"] * 10) == 0.0
-    assert acc("a dog", *["a dog"] * 5, *["dog"] * 5) == 1.0  # via the five plain "dog"s
-
-
-def test_number_words():
     assert process_digit_article("Two") == "2" and process_digit_article("none") == "0"
     assert process_digit_article("ten eleven") == "10 eleven"  # only zero..ten and none
-    assert acc("two", *["2"] * 10) == 1.0
-    assert acc("2", *["two"] * 4, *["2"] * 6) == 1.0  # the six digits suffice
-    assert acc("two", *["two"] * 4, *["2"] * 6) == 1.0  # "two" becomes "2" before comparing
-    # Annotator words are never turned into digits: "two" x 10 cannot be matched at all.
-    assert acc("two", *["two"] * 10) == 0.0
-    assert acc("2", *["two"] * 10) == 0.0
-
-
-def test_contractions():
     assert process_digit_article("dont know") == "don't know"
-    assert acc("dont know", *["don't know"] * 10) == 1.0
-    assert acc("isnt", *["isn't"] * 3, *["no"] * 7) == pytest.approx(0.9)
     assert process_digit_article("Im here") == "im here"  # the table's "Im" key never matches
     assert process_digit_article("somebody'd") == "somebodyd"  # the table maps it that way
-
-
-# --- empty answers -------------------------------------------------------------------------
-
-
-def test_empty_answers():
-    assert acc("", *["yes"] * 10) == 0.0
-    assert acc("", *[""] * 3, *["yes"] * 7) == pytest.approx(0.9)
-    # What normalises to nothing matches empty annotator answers too.
-    assert acc("the", *[""] * 3, *["yes"] * 7) == pytest.approx(0.9)
-    assert acc("?", *[""] * 3, *["yes"] * 7) == pytest.approx(0.9)
-    assert acc("", *[""] * 10) == 1.0
     assert normalize_answer("  A  Red. ") == "red"
 
 
@@ -155,6 +174,7 @@ def test_overall_per_type_rounded_to_two_places():
             _ann(2, "what color is the", "other", ["red"] * 2 + ["blue"] * 8),  # 0.6
             _ann(3, "is the", "yes/no", ["no"] * 10)]  # 0.0
     out = evaluate(anns, {1: "yes", 2: "red", 3: "yes"})
+    assert out["revision"] == "a013f00"
     assert out["overall"] == 53.33  # 100 * 1.6 / 3 = 53.333...
     assert out["perQuestionType"] == {"is the": 50.0, "what color is the": 60.0}
     assert out["perAnswerType"] == {"yes/no": 50.0, "other": 60.0}
