@@ -41,10 +41,8 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def forward_threads(setting: int, cpu_max_path: Path = CGROUP_CPU_MAX) -> int:
-    """The intra-op thread count for ``VQA_TORCH_THREADS=setting`` (0: automatic)."""
-    if setting > 0:
-        return setting
+def usable_cpus(cpu_max_path: Path = CGROUP_CPU_MAX) -> int:
+    """The CPUs this process may use: its affinity mask, capped by the cgroup's quota."""
     try:
         cpu_max = cpu_max_path.read_text()
     except OSError:
@@ -52,3 +50,8 @@ def forward_threads(setting: int, cpu_max_path: Path = CGROUP_CPU_MAX) -> int:
     cpus = available_cpus()
     quota = quota_cpus(cpu_max)
     return min(cpus, quota) if quota is not None else cpus
+
+
+def forward_threads(setting: int, cpu_max_path: Path = CGROUP_CPU_MAX) -> int:
+    """The intra-op thread count for ``VQA_TORCH_THREADS=setting`` (0: automatic)."""
+    return setting if setting > 0 else usable_cpus(cpu_max_path)

@@ -1,4 +1,7 @@
-"""The ASGI app: ``app.main:app`` (FastAPI), served as ``app.main:asgi``. ``create_app()`` builds one from settings (tests build many)."""
+"""The application, assembled: ``create_app()`` builds the FastAPI app over a service (the
+pipeline over a backend); ``front_door(app)`` is the ASGI app a server runs -- the service
+middleware in front of it, CORS around that when configured. ``app.main:asgi`` is the served
+one, built from the environment's settings (``app.main:app`` its FastAPI app)."""
 
 from __future__ import annotations
 
@@ -6,19 +9,20 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp
 
 from models import Predictor
 
-from .errors import install_error_handlers
-from .fastpath import InferenceEndpoint
+from .backends.local import LocalBackend
+from .edge.handlers import install_error_handlers
+from .edge.inference import InferenceEndpoint
+from .edge.middleware import ServiceMiddleware
+from .edge.routes import STATIC, router
 from .metrics import Metrics
-from .middleware import ServiceMiddleware
-from .routes import STATIC, router
-from .service import VQAService
+from .pipeline.service import VQAService
 from .settings import Settings, get_settings
 
 DESCRIPTION = """
@@ -30,14 +34,21 @@ Try it: open **POST /v1/answer**, press *Try it out*, choose an image file, type
 """
 
 
+def local_service(settings: Settings, predictor: Predictor | None = None, metrics: Metrics | None = None) -> VQAService:
+    """The pipeline over the model in this process (a single-process server)."""
+    metrics = metrics or Metrics()
+    backend = LocalBackend(settings, predictor, on_batch=metrics.observe_batch, on_skip=metrics.count_skip,
+                           on_oom_split=metrics.oom_splits.inc)
+    return VQAService(settings, metrics, backend)
+
+
 def create_app(settings: Settings | None = None, predictor: Predictor | None = None,
-               fast_path: bool = True, service: VQAService | None = None) -> FastAPI:
-    """``fast_path=False`` serves the inference routes through FastAPI's routes in app/routes.py
-    instead of app/fastpath.py (same contract, ~2x the event-loop CPU; tests compare the two).
-    ``service``: a service built by the caller (a ``VQA_WORKERS`` front end's, app/frontend.py)."""
+               service: VQAService | None = None) -> FastAPI:
+    """``service``: one built by the caller (a ``VQA_WORKERS`` front end's, over the remote
+    backend); by default the pipeline over the model in this process."""
     settings = settings or get_settings()
     if service is None:
-        service = VQAService(settings, Metrics(), predictor)
+        service = local_service(settings, predictor)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -55,46 +66,32 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     install_error_handlers(app)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the demo page's samples
-    fast = InferenceEndpoint(service) if fast_path else None
-    fastapi_stack = app.build_middleware_stack
-
-    def build_middleware_stack() -> ASGIApp:
-        # The service middleware (request ids, admission, metrics; CORS around it when
-        # configured) goes *outside* FastAPI's own layers (error, telemetry and body-limit
-        # middleware, exception handlers, routing), so the inference routes it serves itself
-        # (app/fastpath.py) skip them; every other request passes through them as before.
-        door: ASGIApp = ServiceMiddleware(fastapi_stack(), service=service, fast=fast,
-                                          fast_paths=InferenceEndpoint.PATHS)
-        if settings.cors_origins:  # closed by default
-            door = CORSMiddleware(door, allow_origins=settings.cors_origins,
-                                  allow_methods=["GET", "POST"], allow_headers=["*"])
-        return door
-
-    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
     return app
 
 
-class FrontDoor:
-    """What ``vqa-serve`` hands uvicorn: ``app``'s middleware stack entered directly, as
-    Starlette's own ``__call__`` does, minus FastAPI's per-request telemetry check (2-3% of the
-    event loop's time under load). ``app`` itself stays a plain FastAPI application."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        app = self.app
-        if app.middleware_stack is None:
-            app.middleware_stack = app.build_middleware_stack()
-        scope["app"] = app
-        await app.middleware_stack(scope, receive, send)
+def front_door(app: FastAPI) -> ASGIApp:
+    """What a server runs: the inference routes served by the service middleware before any of
+    FastAPI's per-request layers, everything else passed to ``app`` (lifespan included)."""
+    service: VQAService = app.state.service
+    door: ASGIApp = ServiceMiddleware(app, service, InferenceEndpoint(service))
+    if app.state.settings.cors_origins:  # closed by default
+        door = CORSMiddleware(door, allow_origins=app.state.settings.cors_origins,
+                              allow_methods=["GET", "POST"], allow_headers=["*"])
+    return door
 
 
-def _lazy_app() -> FastAPI:
-    logging.basicConfig(level=get_settings().log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return create_app()
+_served: dict[str, object] = {}
 
 
-app = _lazy_app()
-asgi = FrontDoor(app)
+def __getattr__(name: str):
+    """``app.main:app`` and ``app.main:asgi`` (e.g. ``uvicorn app.main:asgi``), built from the
+    environment's settings when first asked for -- not when the module is imported, so that
+    the processes that only import from it (the supervisor of ``VQA_WORKERS`` > 1) build none."""
+    if name not in ("app", "asgi"):
+        raise AttributeError(name)
+    if not _served:
+        logging.basicConfig(level=get_settings().log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _served["app"] = built = create_app()
+        _served["asgi"] = front_door(built)
+    return _served[name]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the route)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -48,7 +51,7 @@ class Metrics:
                                           "forward + backward), one explanation", buckets=_LATENCY_BUCKETS, registry=r)
         self.explaining = Gauge("vqa_explanations_inflight", "explain=true requests being answered", registry=r)
         # A response sent before its request body was read: the connection closes lingering
-        # (app/linger.py), so the client receives it instead of a reset.
+        # (app/process/linger.py), so the client receives it instead of a reset.
         self.lingering = Gauge("vqa_lingering_connections", "connections closing lingering: the response "
                                "sent, what the client still sends read and discarded", registry=r)
         self.linger_closes = Counter("vqa_linger_closes", "lingering closes by outcome (eof: the client "
@@ -57,9 +60,42 @@ class Metrics:
                                      "once, VQA_LINGER_MAX_CONNECTIONS lingering already)", ["outcome"], registry=r)
         self.ready = Gauge("vqa_ready", "1 when the model is loaded, warmed up and accepting", registry=r)
 
+    def count_skip(self, reason: str) -> None:
+        """An admitted job dropped before its forward pass: its client went away ("cancelled":
+        withdrawn when the route saw the disconnect) or its deadline passed ("expired")."""
+        self.skipped.labels({"cancelled": "client_gone", "expired": "deadline"}.get(reason, reason)).inc()
+
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.inference_duration.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class MultiProcessMetrics(Metrics):
+    """Metrics of one front end of a ``VQA_WORKERS`` > 1 server; ``render()`` is the whole
+    server's: every process's counters and histograms from ``PROMETHEUS_MULTIPROC_DIR`` (summed
+    over processes), and this process's gauges, whose functions read the state the front ends
+    share (admission counters in shared memory) or the model process reports (queue depth,
+    cache size), so any front end a scrape reaches gives the same values. (Gauges set by
+    functions have no multiprocess mode in prometheus-client.)"""
+
+    def render(self) -> bytes:
+        registry = CollectorRegistry()
+        registry.register(_Without(MultiProcessCollector(None), "gauge"))
+        registry.register(_Only(self.registry, "gauge"))
+        return generate_latest(registry)
+
+
+class _Without:
+    def __init__(self, collector, kind: str) -> None:
+        self.collector, self.kind = collector, kind
+
+    def collect(self) -> Iterable:
+        return [m for m in self.collector.collect() if m.type != self.kind]
+
+
+class _Only(_Without):
+    def collect(self) -> Iterable:
+        return [m for m in self.collector.collect() if m.type == self.kind]

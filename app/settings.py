@@ -70,11 +70,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="vqa-serve port")
     log_level: str = Field("info", description="log level: debug, info, warning, error")
     access_log: bool = Field(False, description="one uvicorn access-log line per request (at log level info "
-                             "or below); off by default: it cost 0.2-0.3 ms of event-loop CPU per request "
+                             "or below); off by default: it costs event-loop CPU on every request "
                              "(docs/performance.md), and request counts, statuses and latencies are in /metrics")
     workers: int = Field(0, ge=0, le=64, description="HTTP front-end processes on the one port, sharing one "
                          "model-owning process (docs/scaling.md); 0: 1 when the model runs on the CPU, else "
-                         "one per 4 CPUs (1 to 8); 1: a single process, no IPC")
+                         "one per 4 CPUs this container may use (1 to 8); 1: a single process, no IPC")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful drain on SIGTERM, seconds at most")
     drain_grace_s: float = Field(2.0, ge=0, le=600, description="after SIGTERM, how long open keep-alive "
                                  "connections are still read and answered (new requests: 503 + Connection: "
@@ -105,9 +105,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _inflight_fits_one_upload(self) -> "Settings":
-        if self.max_inflight_mb * 1024 * 1024 / max(1, self.workers) < self.max_upload_bytes:
-            raise ValueError("max_inflight_mb must hold at least one upload of max_upload_bytes "
-                             "(per front-end process with VQA_WORKERS)")
+        # One budget for the whole server: VQA_WORKERS front ends share it (in shared memory).
+        if self.max_inflight_mb * 1024 * 1024 < self.max_upload_bytes:
+            raise ValueError("max_inflight_mb must hold at least one upload of max_upload_bytes")
         return self
 
     @field_validator("device")

@@ -1,10 +1,9 @@
 """A thread pool whose results come back to the event loop cheaply.
 
-``loop.run_in_executor`` on a ``ThreadPoolExecutor`` costs the event loop ~20 µs of CPU per call
-here (measured in-process with ``time.thread_time`` at concurrency 25 with image decodes, 36-40
-vs 14-20 µs with this pool): a ``concurrent.futures.Future`` with its condition variable, the
-executor's shutdown lock and idle-thread semaphore, and an asyncio future chained to it by two
-callbacks. :meth:`ThreadPool.run` puts ``(fn, args, future)`` on one ``queue.SimpleQueue`` and
+``loop.run_in_executor`` on a ``ThreadPoolExecutor`` costs the event loop a
+``concurrent.futures.Future`` with its condition variable, the executor's shutdown lock and
+idle-thread semaphore, and an asyncio future chained to it by two callbacks, on every call
+(docs/performance.md has the figures). :meth:`ThreadPool.run` puts ``(fn, args, future)`` on one ``queue.SimpleQueue`` and
 the worker hands the result back with one ``call_soon_threadsafe``; a job whose caller went away
 (its future cancelled) before a thread picked it up is skipped. The pool is also an
 ``Executor`` (``submit``/``shutdown``), so ``run_in_executor`` keeps working on it.
@@ -19,6 +18,10 @@ from concurrent.futures import Executor, Future
 from typing import Any, Callable
 
 _STOP = object()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _resolve(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -55,16 +58,18 @@ class ThreadPool(Executor):
             job = self._jobs.get()
             if job is _STOP:
                 return
-            fn, args, done, _ = job
-            done(fn, args)
-            # Let go of the job before waiting for the next one. Otherwise an idle thread keeps
-            # its last job alive -- the function with what it closes over (an upload's bytes),
-            # the caller's future with its result (the decoded pixels) -- until its next job or
-            # until it exits; and a thread that exits while the interpreter shuts down frees a
-            # torch tensor then, which releases the GIL, cannot take it back, and aborts the
-            # process ("terminate called without an active exception", pytorch/pytorch#38228:
-            # a VQA_WORKERS front end exited -6 after a clean drain).
-            del job, fn, args, done, _
+            fn, args, run, _ = job
+            del job, _
+            deliver = run(fn, args)
+            # Let go of the job before its result is handed over and before waiting for the
+            # next one: the function and its arguments (an upload's bytes, a closure over them)
+            # are freed before the caller resumes, not some time after; and an idle thread holds
+            # nothing -- a thread that exits while the interpreter shuts down and frees a torch
+            # tensor then releases the GIL, cannot take it back, and aborts the process
+            # (pytorch/pytorch#38228).
+            del fn, args, run
+            deliver()
+            del deliver
 
     async def run(self, fn: Callable, *args: Any) -> Any:
         """``fn(*args)`` on a pool thread; its result (or exception) here."""
@@ -73,17 +78,21 @@ class ThreadPool(Executor):
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
-        def done(fn: Callable, args: tuple) -> None:
+        def run(fn: Callable, args: tuple) -> Callable[[], None]:
             if fut.cancelled():
-                return
+                return _nothing
             try:
                 result, error = fn(*args), None
             except BaseException as e:  # noqa: BLE001 -- handed to the awaiting caller
                 result, error = None, e
-            try:
-                loop.call_soon_threadsafe(_resolve, fut, result, error)
-            except RuntimeError:  # the loop is closed: nobody is waiting
-                pass
+            del fn, args
+
+            def deliver() -> None:
+                try:
+                    loop.call_soon_threadsafe(_resolve, fut, result, error)
+                except RuntimeError:  # the loop is closed: nobody is waiting
+                    pass
+            return deliver
 
         def cancel() -> None:
             try:
@@ -91,7 +100,8 @@ class ThreadPool(Executor):
             except RuntimeError:
                 pass
 
-        self._jobs.put((fn, args, done, cancel))
+        self._jobs.put((fn, args, run, cancel))
+        del fn, args
         return await fut
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
@@ -99,15 +109,23 @@ class ThreadPool(Executor):
             self._start()
         f: Future = Future()
 
-        def done(fn: Callable, args: tuple) -> None:
+        def run(fn: Callable, args: tuple) -> Callable[[], None]:
             if not f.set_running_or_notify_cancel():
-                return
+                return _nothing
             try:
-                f.set_result(fn(*args, **kwargs))
+                result, error = fn(*args, **kwargs), None
             except BaseException as e:  # noqa: BLE001
-                f.set_exception(e)
+                result, error = None, e
+            del fn, args
 
-        self._jobs.put((fn, args, done, f.cancel))
+            def deliver() -> None:
+                if error is None:
+                    f.set_result(result)
+                else:
+                    f.set_exception(error)
+            return deliver
+
+        self._jobs.put((fn, args, run, f.cancel))
         return f
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

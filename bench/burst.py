@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.linger import OUTCOMES
+from app.process.linger import OUTCOMES
 from bench import machine
 from bench.clients import KINDS, Body, send_all
 from bench.regimes import make_full_size_weights

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from app.preprocessing import decode_pixels
+from app.pipeline.preprocessing import decode_pixels
 from app.settings import Settings
 from models import ImageEncoderConfig, ImageQuestions, Predictor
 

@@ -3,48 +3,18 @@ committed results in bench/results/."""
 
 from __future__ import annotations
 
-import importlib
-
-from . import machine
+from . import drain, explain, httpcost, machine, peer, report, scaling, shards  # noqa: F401  (their sections)
 from .checks import cell, compute_checks
-from .docgen import RESULTS, section
-from .report import render
+from .sections import RESULTS, not_measured, section
 from training.easyvqa_vqa2 import render as render_easyvqa_vqa2
 
-# --- vqa-bench (bench/run.py): docs/performance.md, README -------------------------------
+# --- vqa-bench (bench/run.py): the README summary (its full sections are bench/report.py's) ---
 
 
 def bench_results(results: dict) -> dict:
     # The checks are pure functions of the measurements: recompute them, so a re-render shows
     # the current definitions (bench/checks.py) rather than those of the run's day.
     return {**results, "checks": compute_checks(results)}
-
-
-@section("vqa-bench:cpu", "bench/results/cpu.json")
-def _bench_cpu(results: dict) -> str:
-    return render(bench_results(results), RESULTS / "cpu.json")
-
-
-def _cuda_not_measured() -> str:
-    return """**Not measured: no device was lent** to the sessions that wrote and re-ran this benchmark. On a machine
-with a GPU, one command fills this section (ceiling images/s at batch 1/8/32/64/128, service
-requests/s at concurrency 64 and every other level, and the batched ÷ unbatched ratio in the
-*service ÷ baseline* column):
-
-```bash
-vqa-bench --device cuda --concurrency 1,8,32,64,128 --ceiling-batch-sizes 1,8,32,64,128 \\
-    --requests 1024 --rounds 8 --doc docs/performance.md    # writes bench/results/cuda.json
-```
-
-`bench/gpu_check.sh` runs this same benchmark after the GPU checks (`tests/gpu/`), writing the
-JSON and this section to its output folder. Commit `bench/results/cuda.json` and run
-`python -m bench.docgen` to put it here.
-"""
-
-
-@section("vqa-bench:cuda", "bench/results/cuda.json", missing=_cuda_not_measured)
-def _bench_cuda(results: dict) -> str:
-    return render(bench_results(results), RESULTS / "cuda.json")
 
 
 def _check(results: dict, name: str) -> dict:
@@ -124,10 +94,6 @@ def _soak_inline(report: dict) -> str:
 # --- vqa-burst (bench/burst.py): docs/reliability.md --------------------------------------
 
 
-def _not_measured_yet() -> str:
-    return "Not measured yet.\n"
-
-
 def _burst_not_measured() -> str:
     return ("Not committed yet: `vqa-burst --json bench/results/burst.json`, then `python -m bench.docgen`, "
             "puts the run here.\n")
@@ -139,7 +105,7 @@ def _burst(report: dict) -> str:
 
 
 # The same burst against the tree before lingering closes (issue 27), for comparison.
-@section("results:burst-before", "bench/results/burst-before.json", missing=_not_measured_yet)
+@section("results:burst-before", "bench/results/burst-before.json", missing=not_measured)
 def _burst_before(report: dict) -> str:
     return _burst_table(report, "bench/results/burst-before.json")
 
@@ -182,37 +148,6 @@ def _burst_table(report: dict, path: str) -> str:
 # --- VQA v2 training on easy-VQA's pictures (training/easyvqa_vqa2.py): docs/own-models.md -----
 
 
-@section("results:easyvqa-vqa2", "training/results/easyvqa-vqa2.json", missing=_not_measured_yet)
+@section("results:easyvqa-vqa2", "training/results/easyvqa-vqa2.json", missing=not_measured)
 def _easyvqa_vqa2(results: dict) -> str:
     return render_easyvqa_vqa2(results)
-
-
-# --- the benchmarks that render their own section (bench/httpcost.py, peer.py, scaling.py,
-# drain.py, explain.py). Each `--doc` run writes it through bench.docgen.write_section, so the
-# doc matches what the check renders. The module is imported only when its section is rendered.
-
-
-def _not_measured() -> str:
-    return "Not measured yet.\n"
-
-
-def _rendered_by(module: str, function: str):
-    def render(results: dict) -> str:
-        return getattr(importlib.import_module(f"bench.{module}"), function)(results)
-    return render
-
-
-for _name, _results, _module, _function, _missing in (
-        ("vqa-bench:http", "bench/results/http-cpu.json", "httpcost", "render", _not_measured),
-        ("vqa-bench:litserve", "bench/results/litserve-cpu.json", "peer", "render", _not_measured),
-        ("vqa-bench:scaling", "bench/results/scaling-cpu.json", "scaling", "render", _not_measured),
-        ("vqa-bench:drain", "bench/results/drain.json", "drain", "render", _not_measured),
-        ("vqa-bench:drain-workers2", "bench/results/drain-workers2.json", "drain", "render", _not_measured),
-        # the same against the tree before lingering closes (issue 27)
-        ("vqa-bench:drain-before", "bench/results/drain-before.json", "drain", "render", _not_measured),
-        ("vqa-bench:drain-workers2-before", "bench/results/drain-workers2-before.json", "drain", "render",
-         _not_measured),
-        ("vqa-bench:shards", "bench/results/shards-cpu.json", "shards", "render", _not_measured),
-        # #12's explanations: heatmap quality, latency, plain throughput (always committed)
-        ("vqa-bench:explain", "bench/results/explain.json", "explain", "markdown", None)):
-    section(_name, _results, missing=_missing)(_rendered_by(_module, _function))

@@ -34,10 +34,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from . import docgen, machine
+from . import machine
 from .clients import KINDS, Form, send_all
 from .server import REPO, ServerProcess
 from .workloads import ImageFormat, ImageStream
+from .sections import not_measured, rerender, section
 
 SCHEMA = "vqa-bench-drain/2"
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--render"]:  # e.g. drain-workers2.json has its own section
-        return docgen.rerender(argv, render, "vqa-bench:drain")
+        return rerender(argv, render, "vqa-bench:drain")
     p = argparse.ArgumentParser(prog="vqa-bench drain", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=1, help="runs per client")
     p.add_argument("--requests", type=int, default=400)
@@ -166,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{results['passed']}/{len(runs)} runs passed; {results['total_lost']} requests lost; "
         f"exit codes {results['exit_codes']}")
     return 0 if results["passed"] == len(runs) else 1
+
+
+section("vqa-bench:drain", "bench/results/drain.json", missing=not_measured)(render)
+section("vqa-bench:drain-workers2", "bench/results/drain-workers2.json", missing=not_measured)(render)
+section("vqa-bench:drain-before", "bench/results/drain-before.json", missing=not_measured)(render)
+section("vqa-bench:drain-workers2-before", "bench/results/drain-workers2-before.json", missing=not_measured)(render)
 
 
 if __name__ == "__main__":

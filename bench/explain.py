@@ -45,6 +45,7 @@ from models.transforms import pil_to_uint8
 from .loadgen import run_cell
 from .server import REPO, ServerProcess
 from .workloads import EASY_VQA_COLORS, PreparedRequest, Scene, draw_scene
+from .sections import section, write_section  # the same text `python -m bench.docgen` renders
 
 SCHEMA = "vqa-bench-explain/1"
 QUESTIONS = {"shape": "what shape is in the image?", "color": "what color is the shape?"}
@@ -219,7 +220,6 @@ def markdown(result: dict) -> str:
 
 
 def update_doc(doc: Path, result: dict) -> None:
-    from .docgen import write_section  # the same text `python -m bench.docgen` renders
     write_section(doc, "vqa-bench:explain", markdown(result))
 
 
@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.doc:
         update_doc(args.doc, result)
         log(f"rewrote the measured section of {args.doc}")
+
+
+section("vqa-bench:explain", "bench/results/explain.json")(markdown)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 ``python -m bench.litserve_server`` (what ``vqa-bench litserve`` starts). LitServe's pipeline
 stages are filled with this project's pieces, so the comparison is of the servers, not of the
 models: ``decode_request`` reads the multipart form LitServe hands it and runs
-:func:`app.preprocessing.decode_pixels` and the predictor's question encoder; ``predict`` is one
+:func:`app.pipeline.preprocessing.decode_pixels` and the predictor's question encoder; ``predict`` is one
 :meth:`models.Predictor.run` over the batch LitServe gathered; ``encode_response`` takes the
 predictor's top-k. Batching as ours by default: at most ``VQA_MAX_BATCH_SIZE`` (32) requests,
 ``VQA_MAX_WAIT_MS`` (5 ms) batch timeout; the forward pass uses the same thread count as ours
@@ -17,7 +17,7 @@ import litserve as ls
 import torch
 
 from app.cpu import forward_threads
-from app.preprocessing import decode_pixels
+from app.pipeline.preprocessing import decode_pixels
 from app.settings import Settings
 from models import ImageQuestions, Predictor
 

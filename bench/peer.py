@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import docgen, machine
+from . import machine
 from .loadgen import run_cell
 from .proc import process_tree
 from .server import REPO, ServerProcess
 from .workloads import ImageFormat, ImageStream, miss_workload
+from .sections import not_measured, publish, section
 
 SCHEMA = "vqa-bench-litserve/1"
 MARKERS = ("<!-- vqa-bench:litserve:begin -->", "<!-- vqa-bench:litserve:end -->")
@@ -162,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                "rounds": args.rounds, "concurrency": args.concurrency}
     results["environments"] = measure(args)
     results["load_average_end"] = machine.load_average()
-    docgen.publish(results, args.output, "vqa-bench:litserve", render, args.doc)
+    publish(results, args.output, "vqa-bench:litserve", render, args.doc)
     return 0
+
+
+section("vqa-bench:litserve", "bench/results/litserve-cpu.json", missing=not_measured)(render)
 
 
 if __name__ == "__main__":

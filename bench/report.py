@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from .checks import compute_checks
+from .sections import RESULTS, SECTIONS, replace_section, section, wrap
 from .server import REPO
 
 SERVERS = ("baseline", "service")
@@ -213,6 +214,35 @@ def render(results: dict, results_path: Path | None = None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# The checks are pure functions of the measurements: a re-render recomputes them, so it shows the
+# current definitions (bench/checks.py) rather than those of the run's day.
+@section("vqa-bench:cpu", "bench/results/cpu.json")
+def _bench_cpu(results: dict) -> str:
+    return render({**results, "checks": compute_checks(results)}, RESULTS / "cpu.json")
+
+
+def _cuda_not_measured() -> str:
+    return """**Not measured: no device was lent** to the sessions that wrote and re-ran this benchmark. On a machine
+with a GPU, one command fills this section (ceiling images/s at batch 1/8/32/64/128, service
+requests/s at concurrency 64 and every other level, and the batched ÷ unbatched ratio in the
+*service ÷ baseline* column):
+
+```bash
+vqa-bench --device cuda --concurrency 1,8,32,64,128 --ceiling-batch-sizes 1,8,32,64,128 \\
+    --requests 1024 --rounds 8 --doc docs/performance.md    # writes bench/results/cuda.json
+```
+
+`bench/gpu_check.sh` runs this same benchmark after the GPU checks (`tests/gpu/`), writing the
+JSON and this section to its output folder. Commit `bench/results/cuda.json` and run
+`python -m bench.docgen` to put it here.
+"""
+
+
+@section("vqa-bench:cuda", "bench/results/cuda.json", missing=_cuda_not_measured)
+def _bench_cuda(results: dict) -> str:
+    return render({**results, "checks": compute_checks(results)}, RESULTS / "cuda.json")
+
+
 def markers(device_type: str) -> tuple[str, str]:
     return f"<!-- vqa-bench:{device_type}:begin -->", f"<!-- vqa-bench:{device_type}:end -->"
 
@@ -220,10 +250,9 @@ def markers(device_type: str) -> tuple[str, str]:
 def update_doc(doc: Path, results: dict, results_path: Path | None = None) -> None:
     """Replace the generated section for ``results['device_type']`` in ``doc`` (the same text
     ``python -m bench.docgen`` renders from the committed ``bench/results/<device type>.json``)."""
-    from .docgen import _sections, replace_section, wrap
 
     name = f"vqa-bench:{results['device_type']}"
-    inner = wrap(_sections()[name], render({**results, "checks": compute_checks(results)}, results_path))
+    inner = wrap(SECTIONS[name], render({**results, "checks": compute_checks(results)}, results_path))
     doc.write_text(replace_section(doc.read_text(), name, inner, str(doc)))
 
 

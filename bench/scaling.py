@@ -30,13 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from app.workers import process_role
+from app.process.supervisor import process_role
 
-from . import docgen, machine, simdevice
+from . import machine, simdevice
 from .loadgen import run_cell
 from .report import percent
 from .server import REPO, ServerProcess
 from .workloads import ImageFormat, ImageStream, miss_workload
+from .sections import not_measured, publish, rerender, section
 
 SCHEMA = "vqa-bench-scaling/1"
 MARKERS = ("<!-- vqa-bench:scaling:begin -->", "<!-- vqa-bench:scaling:end -->")
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--render"]:
-        return docgen.rerender(argv, render, "vqa-bench:scaling")
+        return rerender(argv, render, "vqa-bench:scaling")
     args = parse_args(argv)
     started = time.perf_counter()
     try:
@@ -208,9 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             results["parts"][part] = measure_part(part, args, stream, Path(tmp))
     results["load_average_end"] = machine.load_average()
     results["duration_s"] = time.perf_counter() - started
-    docgen.publish(results, args.output, "vqa-bench:scaling", render, args.doc)
+    publish(results, args.output, "vqa-bench:scaling", render, args.doc)
     log(f"results: {args.output}")
     return 0
+
+
+section("vqa-bench:scaling", "bench/results/scaling-cpu.json", missing=not_measured)(render)
 
 
 if __name__ == "__main__":

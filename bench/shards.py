@@ -1,7 +1,7 @@
 """``vqa-bench shards``: batches one at a time on every intra-op thread vs on lanes, several
-batches at once on one thread each (``VQA_FORWARD_SHARDS``, app/inference.py), side by side.
+batches at once on one thread each (``VQA_FORWARD_SHARDS``, app/backends/runner.py), side by side.
 
-Both go through :class:`app.inference.BatchRunner` on the same predictor, in alternating blocks:
+Both go through :class:`app.backends.runner.BatchRunner` on the same predictor, in alternating blocks:
 *whole* runs batches one after another on the forward thread (``--threads`` OpenMP threads),
 *lanes* runs ``--threads`` lane threads of one intra-op thread each, every one running its own
 batches back to back, as the service does on CPU. Throughput is images per second of wall time
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import docgen, machine
+from . import machine
+from .sections import not_measured, publish, section
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = {"default": None, "PASSIVE": "PASSIVE"}
@@ -91,13 +92,13 @@ def measure_here(args: argparse.Namespace) -> dict:
     import torch
 
     from app.cpu import forward_threads
-    from app.inference import AnswerJob, BatchRunner
-    from app.service import _init_forward_thread
+    from app.backends.runner import AnswerJob, BatchRunner
+    from app.backends.local import init_forward_thread
     from models import Predictor
 
     threads = forward_threads(args.threads)
-    forward = ThreadPoolExecutor(1, initializer=_init_forward_thread, initargs=(threads,))
-    lanes = ThreadPoolExecutor(threads, initializer=_init_forward_thread, initargs=(1,))
+    forward = ThreadPoolExecutor(1, initializer=init_forward_thread, initargs=(threads,))
+    lanes = ThreadPoolExecutor(threads, initializer=init_forward_thread, initargs=(1,))
     try:
         p = forward.submit(Predictor.from_file, args.weights, "cpu", "auto").result()
         q = p.encode_question("what shape is in the image?")
@@ -194,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(results["policies"].values()))
     results.update(threads=first["threads"], model=first["model"], image_size=first["image_size"],
                    duration_s=time.time() - started)
-    docgen.publish(results, args.output, "vqa-bench:shards", render, args.doc)
+    publish(results, args.output, "vqa-bench:shards", render, args.doc)
     return 0
+
+
+section("vqa-bench:shards", "bench/results/shards-cpu.json", missing=not_measured)(render)
 
 
 if __name__ == "__main__":

@@ -43,14 +43,29 @@ if _spec:
 
     import models.predictor as _predictor
 
+    import threading
+
     _a, _b = (float(x) / 1000 for x in _spec.split(","))
     _rows = {}
+    _lock = threading.Lock()
+    _busy = [0, 0]  # forward passes running now, the most at once
+    _trace = os.environ.get("VQA_BENCH_SIM_TRACE")  # a file: the most at once, rewritten after each
 
     def _simulated_run(self, requests):
         """a + b x batch seconds of sleep (the GIL released), then fixed probabilities."""
         if not requests:
             return []
-        time.sleep(_a + _b * len(requests))
+        with _lock:
+            _busy[0] += 1
+            _busy[1] = max(_busy[1], _busy[0])
+        try:
+            time.sleep(_a + _b * len(requests))
+        finally:
+            with _lock:
+                _busy[0] -= 1
+                if _trace:
+                    with open(_trace, "w") as f:
+                        f.write(str(_busy[1]))
         n = len(self.answers)
         row = _rows.get(n)
         if row is None:
@@ -67,9 +82,9 @@ def simulated_env(directory: Path, a_ms: float = DEFAULT_A_MS, b_ms: float = DEF
     """Write the sitecustomize into ``directory``; the environment variables that give a
     server started from there the simulated device. It runs one batch at a time, as the
     server runs a GPU: the server itself runs on ``VQA_DEVICE=cpu``, where it would otherwise
-    run a batch per lane at once (VQA_FORWARD_SHARDS), a device several times the modelled one
-    (until 2026-12-05 it split each batch in two parts that slept side by side, each
-    ``a + b × half``)."""
+    run a batch per lane at once (VQA_FORWARD_SHARDS), a device several times the modelled one.
+    With ``VQA_BENCH_SIM_TRACE`` (a file) set too, the server writes there the most forward
+    passes it ran at once."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "sitecustomize.py").write_text(SITECUSTOMIZE)
     from .server import REPO

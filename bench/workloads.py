@@ -196,3 +196,23 @@ def hit_workload(stream: ImageStream, n: int, pool_size: int
 def healthz_workload(n: int) -> list[PreparedRequest]:
     """Trivial requests (``GET /healthz``) to find the load generator's own ceiling."""
     return [PreparedRequest("GET", "/healthz")] * n
+
+
+def easy_vqa_workload(n: int, start: int = 0) -> list[PreparedRequest]:
+    """The easy-VQA test split in file order: questions ``start`` to ``start + n`` with their
+    images (the package's PNG files as they are), as a new user would first try the server.
+    The split has about ten questions per image, in runs, so cache hits mix in (the first 2,000
+    pairs ask about 204 images). Needs the ``easy-vqa`` package (the test extra)."""
+    import easy_vqa
+
+    questions, _, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    fmt = ImageFormat(64, "PNG")
+    files: dict[int, bytes] = {}
+    out = []
+    for q, image_id in list(zip(questions, image_ids))[start:start + n]:
+        if image_id not in files:
+            with open(paths[image_id], "rb") as f:
+                files[image_id] = f.read()
+        out.append(answer_request(Sample(files[image_id], q), fmt))
+    return out

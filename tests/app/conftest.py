@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.main import create_app
+from app.main import create_app, front_door
 from app.settings import Settings
 from tests.conftest import SHIPPED_WEIGHTS
 
@@ -26,7 +26,7 @@ async def running_app(**overrides):
     """The app with its lifespan (model load, warm-up, batcher) and an httpx client on it."""
     app = create_app(make_settings(**overrides))
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
+        transport = httpx.ASGITransport(app=front_door(app))
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
             yield app, client
 

@@ -63,9 +63,9 @@ def test_multi_question_route_encodes_the_image_once(easy_vqa_samples):
             svc = app.state.service
             multi = await client.post("/v1/answers", files={"image": ("a.png", img, "image/png")},
                                       data={"questions": qs, "top_k": "2"})
-            misses_after_multi = svc.cache.misses
+            misses_after_multi = svc.backend.cache.misses
             singles = [(await client.post("/v1/answer", **form(img, q, top_k=2))).json() for q in qs]
-            return multi, singles, misses_after_multi, svc.cache.hits
+            return multi, singles, misses_after_multi, svc.backend.cache.hits
 
     multi, singles, misses, hits = run(main())
     assert multi.status_code == 200, multi.text
@@ -134,14 +134,14 @@ def test_model_info_reports_each_parts_real_precision():
 
 
 def test_readiness_is_503_before_start_and_while_draining():
-    from app.main import create_app
+    from app.main import create_app, front_door
     from tests.app.conftest import make_settings
 
     async def main():
         import httpx
 
         app = create_app(make_settings())
-        transport = httpx.ASGITransport(app=app)
+        transport = httpx.ASGITransport(app=front_door(app))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             before = await client.get("/readyz")
             refused = await client.post("/v1/answer", **form(png_bytes(), "what shape"))
@@ -278,7 +278,7 @@ def test_forward_exception_fails_only_that_batch_and_worker_lives_on():
 
     async def main():
         async with running_app() as (app, client):
-            app.state.service.runner.fault_injector = explode_once
+            app.state.service.backend.runner.fault_injector = explode_once
             failed = await client.post("/v1/answer", **form(png_bytes(), "what shape"))
             ok = await client.post("/v1/answer", **form(png_bytes(), "what shape"))
             ready = await client.get("/readyz")
@@ -297,18 +297,18 @@ def test_nan_output_fails_only_that_request(easy_vqa_samples):
 
     async def main():
         async with running_app(max_wait_ms=200) as (app, client):
-            embed = app.state.service.predictor.model.cfg.image.embed_size
+            embed = app.state.service.model.model.cfg.image.embed_size
 
             def nan_for_poison(reqs):  # the poisoned image's feature becomes NaN before the head
                 for r in reqs:
                     if r.pixels is not None and r.pixels[:, 0, 0].tolist() == list(poison_rgb):
                         r.pixels, r.features = None, torch.full((embed,), float("nan"))
 
-            app.state.service.runner.fault_injector = nan_for_poison
+            app.state.service.backend.runner.fault_injector = nan_for_poison
             img, q, expected = easy_vqa_samples[0]
             bad, good = await asyncio.gather(client.post("/v1/answer", **form(png_bytes(poison_rgb), "what shape")),
                                              client.post("/v1/answer", **form(img, q)))
-            return bad, good, expected, app.state.service.cache
+            return bad, good, expected, app.state.service.backend.cache
 
     bad, good, expected, cache = run(main())
     assert_error(bad, 500, "inference_failed")
@@ -326,7 +326,7 @@ def test_oom_batch_is_split_and_retried():
 
     async def main():
         async with running_app(max_wait_ms=500, max_batch_size=8) as (app, client):
-            app.state.service.runner.fault_injector = oom_when_batched
+            app.state.service.backend.runner.fault_injector = oom_when_batched
             rs = await asyncio.gather(*[client.post("/v1/answer", **form(png_bytes((i, 50, 90)), "what shape"))
                                         for i in range(4)])
             return rs, (await client.get("/metrics")).text
@@ -347,9 +347,9 @@ def test_deadline_gives_504_and_server_recovers():
 
     async def main():
         async with running_app(request_timeout_s=0.2) as (app, client):
-            app.state.service.runner.fault_injector = slow
+            app.state.service.backend.runner.fault_injector = slow
             r = await client.post("/v1/answer", **form(png_bytes(), "what shape"))
-            batcher = app.state.service.batcher
+            batcher = app.state.service.backend.batcher
             # A forward pass past the request timeout turns readiness (and admission) off: the
             # gate is still shut, so that happens however slow the machine is.
             while (stalled := await client.get("/readyz")).status_code == 200:
@@ -375,14 +375,14 @@ def test_deadline_gives_504_and_server_recovers():
 
 def test_a_request_the_model_cannot_reach_in_time_is_refused_at_admission(monkeypatch):
     """When the batcher expects a new request to wait past its deadline (its estimate is tested
-    in tests/app/test_batcher.py), the request gets 503 + Retry-After at admission, before its
+    in tests/app/backends/test_batcher.py), the request gets 503 + Retry-After at admission, before its
     body is read, and never reaches the model; once the estimate is back within the deadline,
     requests are answered."""
     async def main():
         async with running_app() as (app, client):
             svc, seen = app.state.service, []
-            svc.runner.fault_injector = lambda reqs: seen.append(len(reqs))
-            monkeypatch.setattr(svc.batcher, "expected_wait_s",
+            svc.backend.runner.fault_injector = lambda reqs: seen.append(len(reqs))
+            monkeypatch.setattr(svc.backend.batcher, "expected_wait_s",
                                 lambda ahead=0: svc.settings.request_timeout_s + 1, raising=False)
             refused = await client.post("/v1/answer", **form(png_bytes(), "what shape"))
             monkeypatch.undo()

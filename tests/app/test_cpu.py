@@ -45,7 +45,7 @@ def test_forward_pass_runs_with_the_configured_thread_count(monkeypatch):
     async def main():
         async with running_app(torch_threads=1) as (app, client):
             r = await client.post("/v1/answer", **form(png_bytes(), "what shape is this"))
-            return r.status_code, app.state.service.torch_threads
+            return r.status_code, app.state.service.backend.torch_threads
 
     assert run(main()) == (200, 1)
     assert seen and set(seen) == {1}

@@ -33,14 +33,14 @@ def test_dead_worker_turns_not_ready_and_fails_fast(caplog):
         async with running_app(request_timeout_s=600, forward_shards=1) as (app, client):
             svc = app.state.service
             assert (await client.get("/readyz")).status_code == 200
-            svc.runner.fault_injector = hold
+            svc.backend.runner.fault_injector = hold
             running = asyncio.create_task(client.post("/v1/answer", **form(png_bytes((1, 1, 1)), "what shape")))
             assert await asyncio.to_thread(on_device.wait, 30)
             queued = [asyncio.create_task(client.post("/v1/answer", **form(png_bytes((i, 2, 2)), "what shape")))
                       for i in range(3)]
-            while svc.batcher.queue_depth < 3:
+            while svc.backend.batcher.queue_depth < 3:
                 await asyncio.sleep(0.005)
-            _break_worker_loop(svc.batcher)
+            _break_worker_loop(svc.backend.batcher)
             gate.set()  # the running batch finishes; then the loop dies forming the next one
             results = await asyncio.gather(running, *queued)
             ready = await client.get("/readyz")
@@ -71,10 +71,10 @@ def test_failed_request_has_its_traceback_logged_under_its_request_id(caplog):
 
     async def main():
         async with running_app() as (app, client):
-            app.state.service.runner.fault_injector = explode
+            app.state.service.backend.runner.fault_injector = explode
             failed = await client.post("/v1/answer", **form(png_bytes(), "what shape"),
                                        headers={"x-request-id": "client-chosen-id-42"})
-            app.state.service.runner.fault_injector = None
+            app.state.service.backend.runner.fault_injector = None
             ok = await client.post("/v1/answer", **form(png_bytes(), "what shape"))
             return failed, ok
 
@@ -121,7 +121,7 @@ def test_wedged_forward_pass_turns_not_ready_then_not_alive_and_recovers():
     async def main():
         async with running_app(request_timeout_s=0.2) as (app, client):
             assert (await client.get("/healthz")).status_code == 200
-            app.state.service.runner.fault_injector = wedge
+            app.state.service.backend.runner.fault_injector = wedge
             stuck = asyncio.create_task(client.post("/v1/answer", **form(png_bytes(), "what shape")))
             await asyncio.to_thread(on_device.wait, 30)
             not_ready = await poll(client, "/readyz", 503)

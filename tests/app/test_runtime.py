@@ -2,7 +2,7 @@
 objects that live as long as the process are frozen out of the garbage collector.
 
 Loading, warm-up and every forward pass run on one thread, the batcher's -- except the parts of
-a batch split across the cores (app/inference.py), which run on the part threads, each with one
+a batch split across the cores (app/backends/runner.py), which run on the part threads, each with one
 intra-op thread.
 
 On CPU, torch's OpenMP runtime keeps a team of worker threads for each thread that has run a
@@ -58,7 +58,7 @@ def test_model_work_runs_on_the_forward_thread_only(monkeypatch):
 def test_batcher_refuses_a_pool_with_more_than_one_thread():
     from concurrent.futures import ThreadPoolExecutor
 
-    from app.batcher import DynamicBatcher
+    from app.backends.batcher import DynamicBatcher
 
     with ThreadPoolExecutor(max_workers=2) as pool, pytest.raises(ValueError, match="one thread"):
         DynamicBatcher(lambda items: items, max_batch_size=2, max_wait_s=0, max_queue=4, executor=pool)

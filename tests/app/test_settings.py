@@ -6,8 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from app.metrics import Metrics
-from app.service import VQAService
+from app.backends.local import warmup_sizes
 from app.settings import DEFAULT_WEIGHTS, Settings
 from tests.app.conftest import make_settings
 from tests.conftest import REPO
@@ -53,10 +52,10 @@ def test_warmup_sizes():
     always one of them, so no live batch meets an un-warmed shape."""
     cuda = SimpleNamespace(device=torch.device("cuda"))
     cpu = SimpleNamespace(device=torch.device("cpu"))
-    assert VQAService(make_settings(max_batch_size=24, warmup_batch_sizes=[]), Metrics()).warmup_sizes(cuda) \
+    assert warmup_sizes(make_settings(max_batch_size=24, warmup_batch_sizes=[]), cuda.device) \
         == [1, 2, 3, 4, 6, 8, 12, 16, 24]
-    assert VQAService(make_settings(warmup_batch_sizes=[]), Metrics()).warmup_sizes(cuda) \
+    assert warmup_sizes(make_settings(warmup_batch_sizes=[]), cuda.device) \
         == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
-    assert VQAService(make_settings(warmup_batch_sizes=[]), Metrics()).warmup_sizes(cpu) == [1]
-    assert VQAService(make_settings(warmup_batch_sizes=[3]), Metrics()).warmup_sizes(cuda) == [3, 32]
-    assert VQAService(make_settings(warmup_batch_sizes=[3, 64]), Metrics()).warmup_sizes(cpu) == [3, 32]
+    assert warmup_sizes(make_settings(warmup_batch_sizes=[]), cpu.device) == [1]
+    assert warmup_sizes(make_settings(warmup_batch_sizes=[3]), cuda.device) == [3, 32]
+    assert warmup_sizes(make_settings(warmup_batch_sizes=[3, 64]), cpu.device) == [3, 32]

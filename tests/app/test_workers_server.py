@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.workers import process_role
+from app.process.supervisor import process_role
 from bench.proc import process_tree, thread_cpu_seconds
 from bench.server import REPO, ServerProcess
 from tests.app.conftest import form

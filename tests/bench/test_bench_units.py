@@ -110,3 +110,15 @@ def test_checks_pass_fail_and_not_measured():
     assert checks["full_idle_latency_overhead"]["passed"] is None
     assert checks["loadgen_peak_busy"]["value"] == pytest.approx(0.1)
     assert checks["loadgen_peak_busy"]["passed"] is True
+
+
+def test_http_easy_vqa_run_must_fit_the_split():
+    """Every cell of ``vqa-bench http --workload easy-vqa`` sends the next pairs of the test split
+    (re-sent pairs would all be feature-cache hits), so a run asking for more pairs than the
+    split holds is refused up front rather than wrapping round."""
+    from bench import httpcost
+
+    ok = httpcost.parse_args(["--workload", "easy-vqa", "--rounds", "3", "--concurrency", "1,32", "--requests", "1000"])
+    assert ok.rounds * len(ok.concurrency) * ok.requests <= httpcost.EASY_VQA_TEST_PAIRS
+    with pytest.raises(SystemExit):
+        httpcost.parse_args(["--workload", "easy-vqa", "--rounds", "5", "--concurrency", "1,32", "--requests", "1000"])

@@ -5,7 +5,7 @@ uploads are refused with 503 + Retry-After before their body is read, the server
 reserved more than its budget, its resident memory moved by far less than the 69 MB sent, and
 it answers right after. Every refusal reaches its client, also the one that writes its whole
 body before reading (``stream``): it got connection resets before the server closed lingering
-(app/linger.py)."""
+(app/process/linger.py)."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from bench import docgen
-from bench.docgen import REPO, RESULTS
+from bench import docgen, sections
+from bench.sections import REPO, RESULTS
 
 
 def test_committed_docs_are_what_their_results_render():
@@ -19,8 +19,8 @@ def test_committed_docs_are_what_their_results_render():
 
 def test_every_registered_section_is_in_a_doc():
     used = {name for p in docgen.doc_paths() for name in docgen.sections_in(p.read_text())}
-    sections = docgen._sections()
-    assert set(sections) <= used, f"registered but in no doc: {sorted(set(sections) - used)}"
+    registered = set(sections.SECTIONS)
+    assert registered <= used, f"registered but in no doc: {sorted(registered - used)}"
 
 
 def test_a_figure_edited_by_hand_is_caught():
@@ -41,13 +41,13 @@ def test_misspelt_or_unpaired_markers_are_refused():
 def test_inline_and_block_sections(monkeypatch, tmp_path):
     """A block section gets its own lines and a do-not-edit header naming its source; an inline
     one is a phrase; one with a ``missing`` fallback renders it while its results are absent."""
-    monkeypatch.setattr(docgen, "REPO", tmp_path)
-    monkeypatch.setattr(docgen, "SECTIONS", {})
-    monkeypatch.setattr(docgen, "_registered", True)
+    monkeypatch.setattr(sections, "REPO", tmp_path)
+    monkeypatch.setattr(sections, "SECTIONS", {})
+    monkeypatch.setattr(docgen, "SECTIONS", sections.SECTIONS)
     (tmp_path / "r.json").write_text(json.dumps({"x": 1.5}))
-    docgen.section("results:t-block", "r.json")(lambda r: f"| x |\n|---|\n| {r['x']} |\n")
-    docgen.section("results:t-inline", "r.json", inline=True)(lambda r: f"x = {r['x']}")
-    docgen.section("results:t-missing", "absent.json", missing=lambda: "Not measured.")(lambda r: "never")
+    sections.section("results:t-block", "r.json")(lambda r: f"| x |\n|---|\n| {r['x']} |\n")
+    sections.section("results:t-inline", "r.json", inline=True)(lambda r: f"x = {r['x']}")
+    sections.section("results:t-missing", "absent.json", missing=lambda: "Not measured.")(lambda r: "never")
     text = ("A (<!-- results:t-inline:begin -->old<!-- results:t-inline:end -->).\n\n"
             "<!-- results:t-block:begin -->\nold\n<!-- results:t-block:end -->\n"
             "<!-- results:t-missing:begin --><!-- results:t-missing:end -->\n")
@@ -68,7 +68,7 @@ def test_vqa_bench_doc_update_writes_what_docgen_renders(tmp_path):
 
     doc = tmp_path / "perf.md"
     doc.write_text("x\n<!-- vqa-bench:cpu:begin -->\nstale\n<!-- vqa-bench:cpu:end -->\n")
-    update_doc(doc, docgen.load("bench/results/cpu.json"), RESULTS / "cpu.json")
+    update_doc(doc, sections.load("bench/results/cpu.json"), RESULTS / "cpu.json")
     assert doc.read_text() == docgen.render_doc("x\n<!-- vqa-bench:cpu:begin --><!-- vqa-bench:cpu:end -->\n")
 
 
@@ -76,16 +76,16 @@ def test_drain_render_writes_the_section_of_its_results_file(tmp_path):
     """``vqa-bench drain --render FILE DOC`` puts a VQA_WORKERS=2 run into its own section."""
     from bench import drain
 
-    assert docgen.section_for_results(RESULTS / "drain-workers2.json") == "vqa-bench:drain-workers2"
-    assert docgen.section_for_results(RESULTS / "drain.json") == "vqa-bench:drain"
-    assert docgen.section_for_results(tmp_path / "elsewhere.json") is None
+    assert sections.section_for_results(RESULTS / "drain-workers2.json") == "vqa-bench:drain-workers2"
+    assert sections.section_for_results(RESULTS / "drain.json") == "vqa-bench:drain"
+    assert sections.section_for_results(tmp_path / "elsewhere.json") is None
     empty = ("<!-- vqa-bench:drain:begin --><!-- vqa-bench:drain:end -->\n"
              "<!-- vqa-bench:drain-workers2:begin --><!-- vqa-bench:drain-workers2:end -->\n")
     doc = tmp_path / "doc.md"
     for results in ("drain.json", "drain-workers2.json"):
         doc.write_text(empty)
         assert drain.main(["--render", str(RESULTS / results), str(doc)]) == 0
-        name = docgen.section_for_results(RESULTS / results)
+        name = sections.section_for_results(RESULTS / results)
         other = ({"vqa-bench:drain", "vqa-bench:drain-workers2"} - {name}).pop()
         assert f"<!-- {other}:begin --><!-- {other}:end -->" in doc.read_text()  # untouched
-        assert doc.read_text() == docgen.replace_section(empty, name, docgen.render_section(name))
+        assert doc.read_text() == sections.replace_section(empty, name, sections.render_section(name))

@@ -30,7 +30,7 @@ def test_drain_under_keep_alive_load_loses_nothing_and_exits_0(tmp_path):
     keep-alive pool, requests in threads, aiohttp, and a client that writes the whole request
     before reading): every request is answered (200, or 503 with Retry-After and Connection:
     close) or its connection refused. With httpx, most refusals were lost before the server
-    closed lingering (app/linger.py)."""
+    closed lingering (app/process/linger.py)."""
     out = tmp_path / "drain.json"
     rc = drain.main(["--runs", "1", "--requests", "200", "--connections", "32", "--output", str(out)])
     results = json.loads(out.read_text())

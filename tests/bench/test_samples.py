@@ -15,7 +15,7 @@ def test_samples_regenerate_byte_for_byte(tmp_path):
 
 
 def test_the_shipped_model_answers_every_sample(shipped_weights):
-    from app.preprocessing import decode_pixels
+    from app.pipeline.preprocessing import decode_pixels
     from models import Predictor
 
     p = Predictor.from_file(shipped_weights, device="cpu")

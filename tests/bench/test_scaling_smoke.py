@@ -17,12 +17,37 @@ def test_simulated_device_constants_are_the_documented_fit():
     assert simdevice.DEFAULT_B_MS == pytest.approx(simdevice.V100_FP16_B_MS / simdevice.ASSUMED_SPEEDUP)
 
 
+@pytest.mark.slow
 def test_the_simulated_device_runs_one_batch_at_a_time(tmp_path):
     """A GPU runs one batch at a time (the server gives it one lane); the simulated device runs
-    in a server on VQA_DEVICE=cpu, which would otherwise run a batch per core at once."""
-    env = simdevice.simulated_env(tmp_path)
-    assert env["VQA_FORWARD_SHARDS"] == "1"
-    assert (tmp_path / "sitecustomize.py").exists()
+    in a real server on VQA_DEVICE=cpu, which would otherwise run a batch per core at once. The
+    server under load reports the most forward passes it ran at once: 1 with the simulated
+    device's settings, and 2 when the same server is given two lanes (what the check exists to
+    catch)."""
+    import asyncio
+
+    import httpx
+
+    from bench.server import ServerProcess
+    from tests.app.conftest import form
+    from tests.conftest import png_bytes
+
+    def most_at_once(extra: dict, name: str) -> int:
+        trace = tmp_path / f"{name}.trace"
+        env = {**simdevice.simulated_env(tmp_path / name, a_ms=20, b_ms=1), "VQA_DEVICE": "cpu",
+               "VQA_TORCH_THREADS": "2", "VQA_MAX_BATCH_SIZE": "4", "VQA_FEATURE_CACHE": "0",
+               "VQA_BENCH_SIM_TRACE": str(trace), **extra}
+        with ServerProcess(env) as srv:
+            async def load():
+                async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+                    rs = await asyncio.gather(*[c.post("/v1/answer", **form(png_bytes((i, 2, 3)), "what shape"))
+                                                for i in range(48)])
+                assert all(r.status_code == 200 for r in rs)
+            asyncio.run(load())
+        return int(trace.read_text())
+
+    assert most_at_once({}, "sim") == 1
+    assert most_at_once({"VQA_FORWARD_SHARDS": "2"}, "two-lanes") == 2
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ benchmark, in one go on a machine with a GPU; on CPU its ``--dry-run`` lists the
 
 What CPU tests already prove about the same code paths is in tests/models/test_predictor.py
 (copies counted, pinned staging pretended, padding to warmed sizes) and
-tests/app/test_inference.py (OOM split with an injected error); these check what only the
+tests/app/backends/test_runner.py (OOM split with an injected error); these check what only the
 device shows: real pinned memory and syncs, real reduced-precision numerics, a real
 out-of-memory error, cuDNN's autotuning mode.
 """
@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from app.inference import AnswerJob, BatchRunner, InferenceError
+from app.backends.runner import AnswerJob, BatchRunner, InferenceError
 from models import ImageAnswers, ImageQuestions, Predictor
 from models.checkpoint import load_checkpoint
 from models.predictor import padded_batch_sizes

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from app.preprocessing import decode_pixels
+from app.pipeline.preprocessing import decode_pixels
 from models import ImageQuestions, Predictor, load_checkpoint
 from models.importers import ImportFailed, import_basic_vqa, main
 from tests.models import basic_vqa_layout as bv

@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from app import preprocessing
-from app.preprocessing import decode_pixels
+from app.pipeline import preprocessing
+from app.pipeline.preprocessing import decode_pixels
 from models import CheckpointError, ImageEncoderConfig, QuestionEncoderConfig, VQAModel, load_checkpoint, save_checkpoint
 from models.question import QuestionEncoder, pad_questions
 from models.transforms import ImageTransform
