@@ -21,7 +21,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -283,21 +283,7 @@ def soft_scores(split: VQA2Split, answer_index: dict[str, int],
     (0.3, 0.6, 0.9, then 1 for m = 1, 2, 3, 4+ of 10), as the metric's leave-one-out computes.
     Where the annotators disagree, a vocabulary answer is normalised before it is compared, as
     a result answer is (its normalised form is looked up; several entries may share one)."""
-    by_form: dict[str, list[int]] = {}
-    for answer, i in answer_index.items():
-        by_form.setdefault(normalize_answer(answer), []).append(i)
-    out = []
-    for q in range(len(split)):
-        answers, normalised = split.compared(q, revision)
-        counts = Counter(a["answer"] for a in answers)
-        scores: dict[int, float] = {}
-        for form, m in counts.items():
-            ids = by_form.get(form, []) if normalised else (
-                [answer_index[form]] if form in answer_index else [])
-            for i in ids:
-                scores[i] = accuracy_of_count(m, len(answers))
-        out.append(scores)
-    return out
+    return _per_answer(split, answer_index, revision, accuracy_of_count)
 
 
 def answer_frequencies(split: VQA2Split, answer_index: dict[str, int],
@@ -307,17 +293,25 @@ def answer_frequencies(split: VQA2Split, answer_index: dict[str, int],
     normalises to it where they disagree). Unlike the official accuracy, which is 1 for any
     answer four or more of ten gave, these keep the majority: seven "yes" and three "no" are
     0.7 and 0.3, not 1 and 0.9."""
+    return _per_answer(split, answer_index, revision, lambda m, n: m / n)
+
+
+def _per_answer(split: VQA2Split, answer_index: dict[str, int], revision: str,
+                value: Callable[[int, int], float]) -> list[dict[int, float]]:
+    """Per question, answer id -> ``value(m, n)`` for each vocabulary answer that ``m`` of its
+    ``n`` annotators gave, compared as the metric compares them: where the annotators disagree
+    every form is normalised (a vocabulary entry collects each annotator form that normalises
+    to it; several entries may share one), where all agree only the form as typed matches."""
     by_form: dict[str, list[int]] = {}
     for answer, i in answer_index.items():
         by_form.setdefault(normalize_answer(answer), []).append(i)
     out = []
     for q in range(len(split)):
         answers, normalised = split.compared(q, revision)
-        counts = Counter(a["answer"] for a in answers)
-        shares: dict[int, float] = {}
-        for form, m in counts.items():
+        values: dict[int, float] = {}
+        for form, m in Counter(a["answer"] for a in answers).items():
             ids = by_form.get(form, []) if normalised else ([answer_index[form]] if form in answer_index else [])
             for i in ids:
-                shares[i] = m / len(answers)
-        out.append(shares)
+                values[i] = value(m, len(answers))
+        out.append(values)
     return out
