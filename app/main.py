@@ -21,6 +21,7 @@ from .edge.handlers import install_error_handlers
 from .edge.inference import InferenceEndpoint
 from .edge.middleware import ServiceMiddleware
 from .edge.routes import STATIC, router
+from .edge.v2routes import v2router
 from .metrics import Metrics
 from .pipeline.service import VQAService
 from .settings import Settings, get_settings
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(v2router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the demo page's samples
     return app
 

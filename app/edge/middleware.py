@@ -29,6 +29,7 @@ from ..pipeline.admission import Refused
 from ..pipeline.service import VQAService
 from .handlers import error_response
 from .inference import InferenceEndpoint
+from .v2 import INFER_PATH, V2Endpoint, error_body
 
 _random_bits = random.Random().getrandbits  # seeded from os.urandom once
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -104,6 +105,7 @@ class ServiceMiddleware:
         self.app = app
         self.service = service
         self.inference = inference
+        self.v2 = V2Endpoint(service, inference)
         self._children: dict[tuple[str, str, int], tuple] = {}  # metric children per label set
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -120,6 +122,8 @@ class ServiceMiddleware:
         try:
             if scope["method"] == "POST" and scope["path"].startswith(INFERENCE_PREFIX):
                 label, status = await self._inference(scope, receive, send, content_type, content_length)
+            elif scope["method"] == "POST" and INFER_PATH.match(scope["path"]):
+                label, status = "/v2/models/{name}/infer", await self._v2(scope, receive, send, content_length)
             else:
                 label, status = await self._other(scope, receive, send, content_length)
         finally:
@@ -147,6 +151,29 @@ class ServiceMiddleware:
             if scope["path"] in InferenceEndpoint.PATHS:
                 return scope["path"], await self.inference(scope, receive, send)
             return await self._other(scope, receive, send, content_length)  # e.g. /v1/answerz: 404
+        finally:
+            ticket.close()
+
+    async def _v2(self, scope: Scope, receive: Receive, send: Send, content_length: str | None) -> int:
+        """The same admission as /v1's, refusals in the protocol's ``{"error": ...}`` shape."""
+        rid = scope["state"]["request_id"]
+        limit = self.service.settings.max_upload_bytes
+        try:
+            if content_length is not None and not valid_length(content_length):
+                raise Refused(ApiError(400, "bad_request", "invalid Content-Length header"), "bad_request")
+            if content_length is not None and int(content_length) > limit:
+                raise Refused(ApiError(413, "payload_too_large", f"request body exceeds the {limit}-byte limit"),
+                              "payload_too_large")
+            ticket = self.service.admit(int(content_length) if content_length else None)
+        except Refused as r:
+            self.service.metrics.rejected.labels(r.reason).inc()
+            headers = dict(r.headers or {})
+            if closes_unread_body(scope, content_length):
+                headers["Connection"] = "close"
+            return await self.v2._send(send, r.status, error_body(r.message), rid, None, headers)
+        scope["state"]["ticket"] = ticket
+        try:
+            return await self.v2(scope, receive, send)
         finally:
             ticket.close()
 

@@ -138,7 +138,8 @@ def test_the_served_routes_answer_exactly_like_the_reference(easy_vqa_samples):
 def test_openapi_schema_is_unchanged():
     """/openapi.json as the FastAPI declarations generate it (taken before the served
     implementation existed; regenerated after ModelInfo.precision and the explain field and
-    Explanation schema were added, additions only). Regenerate only on purpose."""
+    Explanation schema were added, and after the Open Inference Protocol's /v2 routes were added
+    (issue 25): additions only each time, /v1 unchanged). Regenerate only on purpose."""
     app = create_app(make_settings())
     assert app.openapi() == json.loads(SNAPSHOT.read_text())
 
