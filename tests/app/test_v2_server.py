@@ -120,3 +120,39 @@ def test_unknown_model_or_version_is_404(server, model):
         r = httpx.post(f"{server.url}{path}", content=b'{"inputs": []}', timeout=60)
         assert r.status_code == 404 and "unknown" in r.json()["error"]
     assert httpx.get(f"{server.url}/v2/models/nope").status_code == 404
+
+
+def test_kserve_inference_rest_client(server, model, easy_vqa_samples):
+    """KServe's own client (``kserve``, the test extra): health, then infer in JSON with the image
+    base64 (MLServer's content_type convention) and with binary data; the answers equal /v1's."""
+    kserve = pytest.importorskip("kserve", reason="needs kserve (the test extra installs it)")
+    import asyncio
+    import base64
+
+    async def main():
+        c = kserve.InferenceRESTClient(kserve.RESTConfig(protocol="v2", retries=0))
+        try:
+            assert await c.is_server_live(server.url) and await c.is_server_ready(server.url)
+            assert await c.is_model_ready(server.url, model["name"])
+            got = []
+            for image, question, _ in easy_vqa_samples[:6]:
+                as_json = [kserve.InferInput("image", [1], "BYTES", [base64.b64encode(image).decode()],
+                                             parameters={"content_type": "base64"}),
+                           kserve.InferInput("question", [1], "BYTES", [question])]
+                as_binary = [kserve.InferInput("image", [1], "BYTES"), kserve.InferInput("question", [1], "BYTES")]
+                as_binary[0].set_data_from_numpy(np.array([image], dtype=np.object_), binary_data=True)
+                as_binary[1].set_data_from_numpy(np.array([question.encode()], dtype=np.object_), binary_data=True)
+                for inputs_ in (as_json, as_binary):
+                    r = await c.infer(server.url, kserve.InferRequest(model_name=model["name"], infer_inputs=inputs_,
+                                                                      parameters={"top_k": 2}),
+                                      model_name=model["name"])
+                    out = {o.name: np.asarray(o.as_numpy()).reshape(-1).tolist() for o in r.outputs}
+                    got.append((image, question, [a.decode() if isinstance(a, bytes) else a for a in out["answer"]],
+                                out["confidence"]))
+            return got
+        finally:
+            await c.close()
+
+    for image, question, answers, conf in asyncio.run(main()):
+        want, want_conf = v1_top_k(server, image, question, 2)
+        assert answers == want and np.allclose(conf, want_conf, atol=1e-6)
