@@ -157,13 +157,10 @@ class ServiceMiddleware:
     async def _v2(self, scope: Scope, receive: Receive, send: Send, content_length: str | None) -> int:
         """The same admission as /v1's, refusals in the protocol's ``{"error": ...}`` shape."""
         rid = scope["state"]["request_id"]
-        limit = self.service.settings.max_upload_bytes
         try:
-            if content_length is not None and not valid_length(content_length):
-                raise Refused(ApiError(400, "bad_request", "invalid Content-Length header"), "bad_request")
-            if content_length is not None and int(content_length) > limit:
-                raise Refused(ApiError(413, "payload_too_large", f"request body exceeds the {limit}-byte limit"),
-                              "payload_too_large")
+            refusal = self._length_error(content_length)
+            if refusal is not None:
+                raise Refused(refusal, refusal.code)
             ticket = self.service.admit(int(content_length) if content_length else None)
         except Refused as r:
             self.service.metrics.rejected.labels(r.reason).inc()
@@ -235,6 +232,10 @@ class ServiceMiddleware:
             # The form parser would decode every field with the declared codec (and fall back to
             # latin-1 for unknown ones): a question in UTF-16 becomes garbage, not a 4xx.
             return ApiError(415, "unsupported_charset", "send form fields as UTF-8 (charset=utf-8 or none)")
+        return self._length_error(length)
+
+    def _length_error(self, length: str | None) -> ApiError | None:
+        """A Content-Length that is not ASCII digits (400) or over the upload limit (413)."""
         limit = self.service.settings.max_upload_bytes
         if length is not None:
             if not valid_length(length):

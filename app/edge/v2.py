@@ -43,6 +43,17 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
+def check_model(service: VQAService, name: str, version: str | None) -> None:
+    """V2Error unless ``name`` (and ``version``, if given) is the model being served."""
+    if service.model is None:
+        raise V2Error(503, "model loading", {"Retry-After": "1"})
+    served = service.model.name
+    if name != served:
+        raise V2Error(404, f"unknown model '{name}' (this server serves '{served}')")
+    if version is not None and version != service.version:
+        raise V2Error(404, f"unknown version '{version}' of model '{name}' (serving '{service.version}')")
+
+
 class V2Endpoint:
     def __init__(self, service: VQAService, body: InferenceEndpoint) -> None:
         self.service = service
@@ -51,21 +62,13 @@ class V2Endpoint:
     def model_name(self) -> str:
         return self.service.model.name  # type: ignore[union-attr]
 
-    def check_model(self, name: str, version: str | None) -> None:
-        if self.service.model is None:
-            raise V2Error(503, "model loading", {"Retry-After": "1"})
-        if name != self.model_name():
-            raise V2Error(404, f"unknown model '{name}' (this server serves '{self.model_name()}')")
-        if version is not None and version != self.service.version:
-            raise V2Error(404, f"unknown version '{version}' of model '{name}' (serving '{self.service.version}')")
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> int:
         rid = scope["state"]["request_id"]
         try:
             m = INFER_PATH.match(scope["path"])
             if m is None:
                 raise V2Error(404, f"no route {scope['path']}")
-            self.check_model(m["name"], m["version"])
+            check_model(self.service, m["name"], m["version"])
             header_length = None
             for k, v in scope["headers"]:
                 if k == HEADER_LENGTH:

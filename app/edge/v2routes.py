@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from ..pipeline.service import VQAService
-from .v2 import V2Endpoint, V2Error
+from .v2 import V2Error, check_model
 
 v2router = APIRouter(tags=["v2 (Open Inference Protocol)"])
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -90,7 +90,7 @@ async def server_metadata():
 
 
 def _model_metadata(svc: VQAService, name: str, version: str | None) -> dict:
-    V2Endpoint(svc, None).check_model(name, version)  # type: ignore[arg-type]
+    check_model(svc, name, version)
     return {
         "name": svc.model.name, "versions": [svc.version], "platform": "pytorch_vqa-serve",  # type: ignore[union-attr]
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
@@ -120,7 +120,7 @@ async def model_version_metadata(model_name: str, model_version: str, svc: VQASe
 
 async def _model_ready(svc: VQAService, name: str, version: str | None):
     try:
-        V2Endpoint(svc, None).check_model(name, version)  # type: ignore[arg-type]
+        check_model(svc, name, version)
     except V2Error as e:
         return _error(e)
     return JSONResponse({"name": name, "ready": svc.ready}, status_code=200 if svc.ready else 503)
