@@ -127,15 +127,24 @@ def encode_request(r: PreparedRequest, host: str) -> bytes:
             "Accept-Encoding: gzip, deflate", "User-Agent: vqa-bench"]
     if r.content_type:
         head.append(f"Content-Type: {r.content_type}")
+    head += [f"{name}: {value}" for name, value in r.headers]
     if r.body or r.method not in ("GET", "HEAD"):
         head.append(f"Content-Length: {len(r.body)}")
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + r.body
 
 
 async def _send_all(base_url: str, requests: Sequence[PreparedRequest], concurrency: int,
-                    timeout_s: float, server_pid: int | None, roles: dict[int, str] | None = None) -> _Sent:
+                    timeout_s: float, server_pid: int | None, roles: dict[int, str] | None = None,
+                    groups: Sequence[tuple[int, int]] | None = None) -> _Sent:
     outcomes: list[Outcome | None] = [None] * len(requests)
-    queue = iter(range(len(requests)))  # shared: next() never yields to the loop, so no lock
+    # Each group (n, workers) is the next n requests with their own workers sharing one queue
+    # (shared: next() never yields to the loop, so no lock); by default one group of all.
+    queues, start = [], 0
+    for n, workers in groups or [(len(requests), min(concurrency, len(requests)))]:
+        queues += [iter(range(start, start + n))] * min(workers, n)  # the same iterator, shared
+        start += n
+    if start != len(requests):
+        raise ValueError(f"groups cover {start} requests, not {len(requests)}")
     # One keep-alive connection per worker, each a bare asyncio protocol that writes request
     # bytes encoded before the cell and parses responses with httptools. The generator shares
     # the 2 cores with the server, so its CPU per request is part of what it measures: on
@@ -153,7 +162,7 @@ async def _send_all(base_url: str, requests: Sequence[PreparedRequest], concurre
         _, conn = await loop.create_connection(_Connection, host, port)
         return conn
 
-    async def worker() -> None:
+    async def worker(queue) -> None:
         conn: _Connection | None = None
         try:
             for i in queue:
@@ -184,7 +193,7 @@ async def _send_all(base_url: str, requests: Sequence[PreparedRequest], concurre
     server0 = process_cpu_seconds(server_pid) if server_pid else None
     host0 = host_cpu_seconds()
     cpu0, started = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(requests)))))
+    await asyncio.gather(*(worker(q) for q in queues))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu0
     host1 = host_cpu_seconds()
     server1 = process_cpu_seconds(server_pid) if server_pid else None
@@ -193,6 +202,18 @@ async def _send_all(base_url: str, requests: Sequence[PreparedRequest], concurre
     return _Sent(outcomes, wall, cpu, server_cpu,  # type: ignore[arg-type]
                  cpu_breakdown(threads0, threads1, len(requests), roles) if server_pid else None,
                  (host0, host1))
+
+
+def _json_or_none(content: bytes) -> dict | None:
+    """A JSON object response's body; None for anything else (e.g. a KServe v2 response with
+    binary tensor data after its JSON header)."""
+    if not content.startswith(b"{"):
+        return None
+    try:
+        body = json.loads(content)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def percentiles_ms(values_s: Sequence[float]) -> dict[str, float | None]:
@@ -210,16 +231,19 @@ def _median(values: Sequence[float]) -> float | None:
 def run_cell(base_url: str, requests: Sequence[PreparedRequest], concurrency: int, *,
              server_pid: int | None = None, timeout_s: float = 600, cpu_count: int | None = None,
              keep_latencies: bool = False, keep_bodies: bool = False,
-             roles: dict[int, str] | None = None) -> dict:
+             roles: dict[int, str] | None = None, groups: Sequence[tuple[int, int]] | None = None) -> dict:
     """Send ``requests`` with ``concurrency`` closed-loop workers; return the cell's numbers
     (throughput, latency percentiles, server-reported timings, CPU accounting; with
-    ``keep_latencies``, every successful request's latency too, in ms, in sending order)."""
+    ``keep_latencies``, every successful request's latency too, in ms, in sending order).
+    ``groups``, ``[(n, workers), ...]``: the next n requests have their own ``workers`` (e.g. a
+    mixed load of two kinds of request at fixed concurrencies each); their workers sum to
+    ``concurrency``."""
     cpu_count = cpu_count or os.cpu_count() or 1
-    sent = _run_loop(_send_all(base_url, requests, concurrency, timeout_s, server_pid, roles))
+    sent = _run_loop(_send_all(base_url, requests, concurrency, timeout_s, server_pid, roles, groups))
     wall, loadgen_cpu, server_cpu = sent.wall_s, sent.cpu_s, sent.server_cpu_s
 
     ok = [o for o in sent.outcomes if o.status == 200]
-    parsed = [(o, json.loads(o.content)) for o in ok if o.content.startswith(b"{")]
+    parsed = [(o, body) for o in ok if (body := _json_or_none(o.content)) is not None]
     bodies = [b for _, b in parsed]
     timed = [(o.latency_s * 1000, b["timing"]) for o, b in parsed if "timing" in b]
     n = len(requests)

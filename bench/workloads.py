@@ -75,6 +75,7 @@ class PreparedRequest:
     path: str
     body: bytes = b""
     content_type: str = ""
+    headers: tuple[tuple[str, str], ...] = ()  # any others, e.g. Inference-Header-Content-Length
 
 
 def draw_shape(rng: random.Random, size: int) -> tuple[Image.Image, str, str]:
@@ -198,7 +199,7 @@ def healthz_workload(n: int) -> list[PreparedRequest]:
     return [PreparedRequest("GET", "/healthz")] * n
 
 
-def easy_vqa_workload(n: int, start: int = 0) -> list[PreparedRequest]:
+def easy_vqa_samples(n: int, start: int = 0) -> list[Sample]:
     """The easy-VQA test split in file order: questions ``start`` to ``start + n`` with their
     images (the package's PNG files as they are), as a new user would first try the server.
     The split has about ten questions per image, in runs, so cache hits mix in (the first 2,000
@@ -207,12 +208,17 @@ def easy_vqa_workload(n: int, start: int = 0) -> list[PreparedRequest]:
 
     questions, _, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
-    fmt = ImageFormat(64, "PNG")
     files: dict[int, bytes] = {}
     out = []
     for q, image_id in list(zip(questions, image_ids))[start:start + n]:
         if image_id not in files:
             with open(paths[image_id], "rb") as f:
                 files[image_id] = f.read()
-        out.append(answer_request(Sample(files[image_id], q), fmt))
+        out.append(Sample(files[image_id], q))
     return out
+
+
+def easy_vqa_workload(n: int, start: int = 0) -> list[PreparedRequest]:
+    """:func:`easy_vqa_samples` as ``POST /v1/answer`` requests."""
+    fmt = ImageFormat(64, "PNG")
+    return [answer_request(s, fmt) for s in easy_vqa_samples(n, start)]

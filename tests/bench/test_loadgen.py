@@ -157,3 +157,29 @@ def test_thread_cpu_time_resolves_less_than_a_clock_tick():
         pass
     used = thread_cpu_seconds(os.getpid())[tid] - before
     assert 0.002 < used < 1.0
+
+
+def test_groups_keep_their_own_workers_and_requests():
+    """A mixed cell: each group's requests are sent by its own workers only, and at most that
+    many of a group are in flight at once (the scripted server answers in arrival order, one
+    connection per worker)."""
+    reqs = [PreparedRequest("GET", "/a")] * 3 + [PreparedRequest("GET", "/b")] * 5
+    with ScriptedServer([(ok(b"{}"), False)] * 8) as srv:
+        cell = run_cell(f"http://127.0.0.1:{srv.port}", reqs, concurrency=3, groups=[(3, 1), (5, 2)])
+    assert cell["statuses"] == {"200": 8}
+    paths = {}
+    for conn, raw in srv.seen:
+        paths.setdefault(conn, set()).add(raw.split(b" ")[1])
+    assert srv.connections == 3  # 1 + 2 workers, one keep-alive connection each
+    assert sorted(map(sorted, paths.values())) == [[b"/a"], [b"/b"], [b"/b"]]  # no worker crossed over
+    with pytest.raises(ValueError, match="cover 7 requests, not 8"):
+        run_cell(f"http://127.0.0.1:{srv.port}", reqs, concurrency=3, groups=[(2, 1), (5, 2)])
+
+
+def test_extra_headers_go_out_and_binary_answers_are_not_parsed_as_json():
+    req = PreparedRequest("POST", "/v2/models/m/infer", b'{"inputs":[]}\x00\x01', "application/octet-stream",
+                          (("Inference-Header-Content-Length", "13"),))
+    with ScriptedServer([(ok(b'{"outputs":[]}\xff\x00'), False)]) as srv:
+        cell = run_cell(f"http://127.0.0.1:{srv.port}", [req], concurrency=1, keep_bodies=True)
+    assert cell["statuses"] == {"200": 1} and cell["bodies"] == [b'{"outputs":[]}\xff\x00']
+    assert b"\r\nInference-Header-Content-Length: 13\r\n" in srv.seen[0][1]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from bench import drain, httpcost, peer
+from bench import drain, httpcost, peer, v2bench
 
 
 @pytest.mark.slow
@@ -22,6 +22,37 @@ def test_http_suite_measures_event_loop_cpu_per_request(tmp_path):
             assert row[c]["ok"] == row[c]["requests"] == 24
             assert row[c]["event_loop_ms_per_request"] > 0  # the main thread did the HTTP work
     assert "event loop ms/req c=1" in httpcost.render(results)
+
+
+@pytest.mark.slow
+def test_v2_suite_measures_both_doors_and_a_mixed_load(tmp_path):
+    out = tmp_path / "v2.json"
+    assert v2bench.main(["--requests", "24", "--rounds", "1", "--concurrency", "8", "--check", "4",
+                         "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["check"] == {"pairs": 4, "same_answer_and_confidence": 4}  # tritonclient == httpx
+    s = results["summary"]
+    for door in ("v1", "v2"):
+        assert s[door]["ok"] == s[door]["requests"] == 24
+        assert s[door]["event_loop_ms_per_request"] > 0 and s[door]["batch_size_mean_all"] >= 1
+    mixed = results["cells"]["mixed"][0]
+    assert mixed["statuses"] == {"200": 24} and (mixed["v1_workers"], mixed["v2_workers"]) == (2, 6)
+    assert 1 <= mixed["v1_batch_size_mean"] <= 8 and mixed["forward_passes"] >= 1
+    assert "`/v2` ÷ `/v1` requests/s" in v2bench.render(results)
+
+
+def test_v2_bench_requests_are_what_the_server_parses():
+    """The bench's /v2 body (tritonclient's encoding) decodes, with our own codec, to the pair."""
+    from app.edge.v2codec import parse_request
+    from bench.workloads import Sample
+
+    req = v2bench.v2_request(Sample(b"\x89PNG...", "what shape is it?"), "m", top_k=2)
+    assert req.path == "/v2/models/m/infer"
+    (name, length), = req.headers
+    parsed = parse_request(req.body, int(length))
+    assert parsed.inputs["image"].data == [b"\x89PNG..."]
+    assert parsed.inputs["question"].data == [b"what shape is it?"]
+    assert parsed.parameters["top_k"] == 2 and parsed.parameters["binary_data_output"] is True
 
 
 @pytest.mark.slow
