@@ -3,7 +3,7 @@ committed results in bench/results/."""
 
 from __future__ import annotations
 
-from . import drain, explain, httpcost, machine, peer, report, scaling, shards, v2bench  # noqa: F401  (their sections)
+from . import drain, explain, httpcost, machine, peer, report, scaling, shards, tritonpeer, v2bench  # noqa: F401  (their sections)
 from .checks import cell, compute_checks
 from .sections import RESULTS, not_measured, section
 from training.easyvqa_vqa2 import render as render_easyvqa_vqa2

@@ -123,11 +123,15 @@ def encode_request(r: PreparedRequest, host: str) -> bytes:
     """The bytes of ``r`` on the wire: request line, Host, Accept, Accept-Encoding, User-Agent,
     Content-Type and Content-Length."""
     # The headers aiohttp sent (the client before this one), so the server parses as many.
-    head = [f"{r.method} {r.path} HTTP/1.1", f"Host: {host}", "Accept: */*",
-            "Accept-Encoding: gzip, deflate", "User-Agent: vqa-bench"]
+    head = [f"{r.method} {r.path} HTTP/1.1", f"Host: {host}", "Accept: */*"]
+    # A request's own headers replace these defaults by name; an empty value leaves one out
+    # (tritonclient sends no Accept-Encoding, and Triton gzips answers to one that asks).
+    own = {name.lower() for name, _ in r.headers}
+    head += [f"{k}: {v}" for k, v in (("Accept-Encoding", "gzip, deflate"), ("User-Agent", "vqa-bench"))
+             if k.lower() not in own]
     if r.content_type:
         head.append(f"Content-Type: {r.content_type}")
-    head += [f"{name}: {value}" for name, value in r.headers]
+    head += [f"{name}: {value}" for name, value in r.headers if value]
     if r.body or r.method not in ("GET", "HEAD"):
         head.append(f"Content-Length: {len(r.body)}")
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + r.body

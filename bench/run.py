@@ -258,7 +258,8 @@ def bench_regime(regime: Regime, args: argparse.Namespace, device: str, settings
 
 
 SUITES = {"http": "bench.httpcost", "drain": "bench.drain", "litserve": "bench.peer", "scaling": "bench.scaling",
-          "shards": "bench.shards", "v2": "bench.v2bench"}  # vqa-bench <suite> ...: the other benchmarks, one module each
+          "shards": "bench.shards", "v2": "bench.v2bench",
+          "triton": "bench.tritonpeer"}  # vqa-bench <suite> ...: the other benchmarks, one module each
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,17 +49,23 @@ def log(msg: str) -> None:
     print(f"[vqa-bench v2 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def v2_request(sample: Sample, model: str, top_k: int = 1) -> PreparedRequest:
+def v2_request(sample: Sample, model: str, top_k: int | None = 1, shape: tuple[int, ...] = (1,)) -> PreparedRequest:
     """``POST /v2/models/<model>/infer`` as ``tritonclient.http`` encodes it: both inputs as
-    binary tensor data, no outputs named (so every output comes back binary)."""
+    binary tensor data, no outputs named (so every output comes back binary); ``top_k`` None
+    sends no parameter of ours (the request a plain Triton model takes); ``shape`` ``(1, 1)``:
+    with a batch dimension, as a Triton model with dynamic batching needs."""
     from tritonclient.http import InferInput
     from tritonclient.http._utils import _get_inference_request
 
-    inputs = [InferInput("image", [1], "BYTES"), InferInput("question", [1], "BYTES")]
-    inputs[0].set_data_from_numpy(np.array([sample.image], dtype=np.object_), binary_data=True)
-    inputs[1].set_data_from_numpy(np.array([sample.question.encode()], dtype=np.object_), binary_data=True)
-    body, json_size = _get_inference_request(inputs, "", None, 0, False, False, 0, None, {"top_k": top_k})
-    headers = () if json_size is None else (("Inference-Header-Content-Length", str(json_size)),)
+    inputs = [InferInput("image", list(shape), "BYTES"), InferInput("question", list(shape), "BYTES")]
+    inputs[0].set_data_from_numpy(np.array([sample.image], dtype=np.object_).reshape(shape), binary_data=True)
+    inputs[1].set_data_from_numpy(np.array([sample.question.encode()], dtype=np.object_).reshape(shape),
+                                  binary_data=True)
+    body, json_size = _get_inference_request(inputs, "", None, 0, False, False, 0, None,
+                                             None if top_k is None else {"top_k": top_k})
+    # tritonclient's headers: no Accept-Encoding (it asks for compression only when told to)
+    headers = (("Accept-Encoding", ""),) + (() if json_size is None else
+                                             (("Inference-Header-Content-Length", str(json_size)),))
     return PreparedRequest("POST", f"/v2/models/{model}/infer", body, "application/octet-stream", headers)
 
 

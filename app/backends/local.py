@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +25,7 @@ from models.predictor import padded_batch_sizes
 
 from ..cpu import forward_threads
 from ..settings import Settings
-from .batcher import BatcherClosed, DynamicBatcher, QueueFull
+from .batcher import BatcherClosed, DeadlineExceeded, DynamicBatcher, QueueFull
 from .cache import FeatureCache
 from .protocol import Answered, ImageSource, Status
 from .runner import AnswerJob, BatchRunner
@@ -95,6 +96,9 @@ class LocalBackend:
         self._on_batch, self._on_skip, self._on_oom_split = on_batch, on_skip, on_oom_split
         self.runner: BatchRunner | None = None
         self.batcher: DynamicBatcher | None = None
+        # Single flight: images being decoded and encoded now, by cache key, each with a future
+        # resolved when its batch is done (answer, _follow).
+        self._encoding: dict[bytes, asyncio.Future] = {}
         # Loading, warm-up and every forward pass run on this one thread (on CPU with lanes, the
         # lone single-image batches and explanations; batches run on the lanes). On CPU, torch's
         # OpenMP runtime keeps a worker team per thread that has run a parallel op; a second
@@ -179,18 +183,44 @@ class LocalBackend:
             raise BatcherClosed("model loading" if batcher is None else "not accepting")
         if batcher.queue_depth >= batcher.max_queue:  # refuse before the image is decoded
             raise QueueFull(batcher.retry_after_s())
-        # Announce before decoding: a batch being gathered may wait for this one.
-        with batcher.announce() as arrival:
-            features = self.cache.get(key)
-            if features is None:
-                pixels = await image.pixels()
+        features = self.cache.get(key)
+        lead: asyncio.Future | None = None
+        if features is None and self.cache.enabled:
+            leader = self._encoding.get(key)
+            if leader is None:  # this request decodes and encodes the image; others may follow
+                lead = self._encoding[key] = asyncio.get_running_loop().create_future()
             else:
-                image.release()
-                pixels = None
-            job = AnswerJob(questions=questions, pixels=pixels, features=features, cache_key=key)
-            del pixels
-            done = await batcher.submit(job, timeout_s, arrival)
+                features, timeout_s = await self._follow(leader, key, timeout_s)
+        try:
+            # Announce before decoding: a batch being gathered may wait for this one.
+            with batcher.announce() as arrival:
+                if features is None:
+                    pixels = await image.pixels()
+                else:
+                    image.release()
+                    pixels = None
+                job = AnswerJob(questions=questions, pixels=pixels, features=features, cache_key=key)
+                del pixels
+                done = await batcher.submit(job, timeout_s, arrival)
+        finally:
+            if lead is not None:
+                del self._encoding[key]
+                lead.set_result(None)
         return Answered(done.value.probs, done.queued_s, done.run_s, done.batch_size, cached=features is not None)
+
+    async def _follow(self, leader: asyncio.Future, key: bytes, timeout_s: float) -> tuple[torch.Tensor | None, float]:
+        """Single flight: the image is being decoded and encoded for another request (the same
+        picture asked about again while the first is still in flight, e.g. several questions
+        sent at once). Wait for that request's batch, then use the features it cached, instead
+        of decoding the image and running the image encoder on it again in another batch.
+        Returns (features, the time left); features None when the leader's batch cached none
+        (it failed, or its caller went away first): then this request decodes the image."""
+        started = time.monotonic()
+        await asyncio.wait((leader,), timeout=timeout_s)  # never cancels the leader's future
+        left = timeout_s - (time.monotonic() - started)
+        if left <= 0:
+            raise DeadlineExceeded(f"no result within {timeout_s:g}s")
+        return self.cache.get(key), left
 
     async def explain(self, pixels: torch.Tensor, question: EncodedQuestion, timeout_s: float) -> GradCam:
         """On the forward thread: between batches on a GPU; on CPU with lanes, beside the batches

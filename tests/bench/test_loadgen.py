@@ -178,8 +178,9 @@ def test_groups_keep_their_own_workers_and_requests():
 
 def test_extra_headers_go_out_and_binary_answers_are_not_parsed_as_json():
     req = PreparedRequest("POST", "/v2/models/m/infer", b'{"inputs":[]}\x00\x01', "application/octet-stream",
-                          (("Inference-Header-Content-Length", "13"),))
+                          (("Inference-Header-Content-Length", "13"), ("Accept-Encoding", "")))
     with ScriptedServer([(ok(b'{"outputs":[]}\xff\x00'), False)]) as srv:
         cell = run_cell(f"http://127.0.0.1:{srv.port}", [req], concurrency=1, keep_bodies=True)
     assert cell["statuses"] == {"200": 1} and cell["bodies"] == [b'{"outputs":[]}\xff\x00']
     assert b"\r\nInference-Header-Content-Length: 13\r\n" in srv.seen[0][1]
+    assert b"Accept-Encoding" not in srv.seen[0][1]  # an empty value leaves a default header out

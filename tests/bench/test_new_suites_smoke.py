@@ -48,8 +48,9 @@ def test_v2_bench_requests_are_what_the_server_parses():
 
     req = v2bench.v2_request(Sample(b"\x89PNG...", "what shape is it?"), "m", top_k=2)
     assert req.path == "/v2/models/m/infer"
-    (name, length), = req.headers
-    parsed = parse_request(req.body, int(length))
+    headers = dict(req.headers)
+    assert headers["Accept-Encoding"] == ""  # left out on the wire, as tritonclient does
+    parsed = parse_request(req.body, int(headers["Inference-Header-Content-Length"]))
     assert parsed.inputs["image"].data == [b"\x89PNG..."]
     assert parsed.inputs["question"].data == [b"what shape is it?"]
     assert parsed.parameters["top_k"] == 2 and parsed.parameters["binary_data_output"] is True
