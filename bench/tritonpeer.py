@@ -54,7 +54,7 @@ from app.settings import Settings
 from . import machine, simdevice
 from .loadgen import run_cell
 from .proc import process_tree
-from .sections import not_measured, publish, rerender, section
+from .sections import not_measured, publish, rerender, section, section_for_results
 from .server import REPO, ServerProcess, free_port
 from .v2bench import batch_histogram, v2_request
 from .workloads import ImageFormat, ImageStream, easy_vqa_samples
@@ -258,6 +258,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             run_cell(srv.url, [v2_request(s, model[name], top_k=None, shape=(1, 1)) for s in warm], args.concurrency)
         cells: dict[str, list[dict]] = {n: [] for n in SERVERS}
         compared = mismatched = 0
+        max_diff, examples = 0.0, []  # the largest confidence difference where answers agree
         for r in range(args.rounds):
             samples = pairs.take(args.requests)
             answers = {}
@@ -279,9 +280,15 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                     f"CPU {cell['cpu_ms_per_request']:.2f} ms/req, batch {cell['batch_size_mean'] or 0:.1f}"
                     + (f", event loop {cell['event_loop_ms_per_request']:.3f} ms/req" if name == "ours" else ""))
                 cells[name].append(cell)
-            for a, b in zip(answers["ours"], answers["triton"]):
+            for i, (a, b) in enumerate(zip(answers["ours"], answers["triton"])):
                 compared += 1
-                mismatched += a is None or b is None or a[0] != b[0] or abs(a[1] - b[1]) > 1e-6
+                if a is None or b is None or a[0] != b[0]:
+                    mismatched += 1
+                    if len(examples) < 10:
+                        examples.append({"round": r, "request": i, "question": samples[i].question,
+                                         "ours": a, "triton": b})
+                else:
+                    max_diff = max(max_diff, abs(a[1] - b[1]))
     finally:
         for srv in procs.values():
             if srv.proc is not None:
@@ -300,7 +307,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     log(f"ours ÷ Triton = {np.median(ratios):.2f} (rounds {', '.join(f'{x:.2f}' for x in ratios)}); "
         f"{mismatched} of {compared} answers differ")
     return {"triton_version": triton_version, "instances": instances, "ratio_per_round": ratios, "ratio_median": float(np.median(ratios)),
-            "answers_compared": compared, "answers_mismatched": mismatched, "summary": summary,
+            "answers_compared": compared, "answers_mismatched": mismatched, "mismatches": examples,
+            "confidence_max_abs_diff": max_diff, "summary": summary,
             "cells": cells, "ours_env": args.ours_env}
 
 
@@ -329,7 +337,12 @@ def render(results: dict) -> str:
                      f"{d['cpu_ms_per_request']:.2f} | {loop} | {d['batch_size_mean']:.1f} | {d['ok']}/{d['requests']} |")
     lines += ["", f"**ours ÷ Triton: {results['ratio_median']:.2f}×** (median of per-round ratios: "
               + ", ".join(f"{x:.2f}×" for x in results["ratio_per_round"])
-              + f"); answers differing: {results['answers_mismatched']} of {results['answers_compared']}."]
+              + f"); answers differing: {results['answers_mismatched']} of {results['answers_compared']}"
+              + (f" (largest confidence difference where they agree: {results['confidence_max_abs_diff']:.1e})"
+                 if "confidence_max_abs_diff" in results else "") + "."]
+    for m in results.get("mismatches", []):
+        lines.append(f"- differing: round {m['round']}, request {m['request']} ({m['question']!r}): ours "
+                     f"{m['ours']}, Triton {m['triton']}")
     return "\n".join(lines) + "\n"
 
 
@@ -357,14 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         results.update(measure(args, Path(tmp)))
     results["load_average_end"] = machine.load_average()
     results["duration_s"] = time.perf_counter() - started
-    name = "vqa-bench:triton-sim" if args.regime == "sim" else "vqa-bench:triton"
-    publish(results, args.output, name, render, args.doc)
+    publish(results, args.output, section_for_results(args.output) or "vqa-bench:triton", render, args.doc)
     log(f"results: {args.output} ({results['duration_s']:.0f} s)")
     return 0
 
 
 section("vqa-bench:triton", "bench/results/triton-cpu.json", missing=not_measured)(render)
 section("vqa-bench:triton-sim", "bench/results/triton-sim.json", missing=not_measured)(render)
+section("vqa-bench:triton-miss", "bench/results/triton-cpu-miss.json", missing=not_measured)(render)
 
 
 if __name__ == "__main__":

@@ -62,3 +62,15 @@ def test_a_tiny_run_against_real_triton_gives_the_same_answers(tmp_path):
     assert results["answers_compared"] == 40 and results["answers_mismatched"] == 0
     for name in ("ours", "triton"):
         assert results["summary"][name]["ok"] == 40 and results["summary"][name]["batch_size_mean"] >= 1
+
+
+def test_the_rendered_section_names_every_differing_answer():
+    from bench.sections import load
+
+    results = load("bench/results/triton-cpu.json")
+    assert "ours ÷ Triton" in tritonpeer.render(results) and "- differing:" not in tritonpeer.render(results)
+    results = {**results, "answers_mismatched": 1,
+               "mismatches": [{"round": 0, "request": 7, "question": "what shape?", "ours": ["circle", 0.5],
+                               "triton": ["triangle", 0.5]}]}
+    text = tritonpeer.render(results)
+    assert "answers differing: 1 of" in text and "request 7 ('what shape?'): ours ['circle', 0.5]" in text
