@@ -130,28 +130,31 @@ class V2Endpoint:
         encoded = [svc.parse_question(t) for t in texts]
         if b == 1:
             asked = [await svc.ask(Upload(images.data[0]), encoded, rid, reservation)]
-            probs = list(asked[0].result.probs)
+            probs = asked[0].result.probs.tolist()  # rows as lists: iterating the tensor costs more
         else:
             # Pairs: each image its own job, all in the same batches; the body's reservation is
             # given back when the request ends (the ticket), not per image.
             asked = await asyncio.gather(*[svc.ask(Upload(img), [q], rid, None)
                                            for img, q in zip(images.data, encoded)])
-            probs = [a.result.probs[0] for a in asked]
+            probs = [a.result.probs[0].tolist() for a in asked]
         del images
         return self._outputs(request, probs, k)
 
-    def _outputs(self, request, probs: list, k: int) -> tuple[bytes, int | None]:
+    def _outputs(self, request, probs: list[list[float]], k: int) -> tuple[bytes, int | None]:
         answers = self.service.model.answers.answers  # type: ignore[union-attr]
         wanted = request.outputs or {"answer": {}, "confidence": {}}
         everything_binary = bool(request.parameters.get("binary_data_output", False))
         out, binary = [], set()
+        best: dict[int, list] = {}  # rows of (index, confidence) by width, shared by the outputs
         for name, params in wanted.items():
             if name not in ("answer", "confidence"):
                 raise V2Error(400, f"unknown output '{name}' (outputs: answer, confidence)")
             classes = params.get("classification")
             width = classes if isinstance(classes, int) and not isinstance(classes, bool) and classes > 0 else k
             width = min(width, len(answers))
-            rows = [_best(p, width) for p in probs]
+            if width not in best:
+                best[width] = [_best(p, width) for p in probs]
+            rows = best[width]
             if name == "answer" and classes:
                 data = [f"{row[i][1]:f}:{row[i][0]}:{answers[row[i][0]]}".encode() for row in rows for i in range(width)]
                 out.append(Tensor("answer", "BYTES", [len(rows), width], data))
@@ -179,8 +182,7 @@ class V2Endpoint:
         return status
 
 
-def _best(probs, k: int) -> list[tuple[int, float]]:
+def _best(row: list[float], k: int) -> list[tuple[int, float]]:
     """(index, confidence) of the ``k`` best answers, best first (ties: the lower index)."""
-    row = probs.tolist()
     order = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]
     return [(i, row[i]) for i in order]
