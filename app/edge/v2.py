@@ -3,9 +3,11 @@ Triton's HTTP API) as one more door into the same pipeline as ``/v1``.
 
 Inputs: ``image`` BYTES (encoded image files, as ``/v1`` takes them) and ``question`` BYTES
 (UTF-8). One image with N questions, or B images with B questions (pairs). Outputs:
-``answer`` BYTES ``[N, k]`` and ``confidence`` FP32 ``[N, k]``, best first; ``top_k`` is a
-request parameter (default 1). Triton's classification extension: an ``answer`` output asked
-for with ``"classification": c`` is ``[N, c]`` strings ``"<confidence>:<index>:<answer>"``.
+``answer`` BYTES ``[N, k]`` and ``confidence`` FP32 ``[N, k]``, best first (``top_k`` is a
+request parameter, default 1), and ``unknown_words`` BYTES ``[N, 1]``: each question's words
+outside the model's vocabulary, in order of appearance, as a JSON array (``[]`` when none; what
+``/v1`` reports as ``unknown_words``). A request that names no outputs gets all three. Triton's classification extension: an ``answer`` output asked for with
+``"classification": c`` is ``[N, c]`` strings ``"<confidence>:<index>:<answer>"``.
 Errors are ``{"error": "<message>"}`` with Triton's statuses: 400, 404 (unknown model or
 version), 413, 503 + ``Retry-After``, 504, 500.
 """
@@ -24,6 +26,8 @@ from ..pipeline.service import VQAService
 from .inference import BodyTimeout, BodyTooLarge, ClientGone, InferenceEndpoint, OverBudget
 from .v2codec import Tensor, TensorError, encode_response, parse_request
 
+# The model's outputs, all of them in a response that names none (the protocol's default).
+OUTPUTS = ("answer", "confidence", "unknown_words")
 INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 HEADER_LENGTH = b"inference-header-content-length"
 
@@ -138,17 +142,22 @@ class V2Endpoint:
                                            for img, q in zip(images.data, encoded)])
             probs = [a.result.probs[0].tolist() for a in asked]
         del images
-        return self._outputs(request, probs, k)
+        return self._outputs(request, probs, k, [json.dumps(list(e.unknown_words)).encode() for e in encoded])
 
-    def _outputs(self, request, probs: list[list[float]], k: int) -> tuple[bytes, int | None]:
+    def _outputs(self, request, probs: list[list[float]], k: int, unknown: list[bytes]) -> tuple[bytes, int | None]:
         answers = self.service.model.answers.answers  # type: ignore[union-attr]
-        wanted = request.outputs or {"answer": {}, "confidence": {}}
+        wanted = request.outputs or {name: {} for name in OUTPUTS}  # none named: all of them
         everything_binary = bool(request.parameters.get("binary_data_output", False))
         out, binary = [], set()
         best: dict[int, list] = {}  # rows of (index, confidence) by width, shared by the outputs
         for name, params in wanted.items():
-            if name not in ("answer", "confidence"):
-                raise V2Error(400, f"unknown output '{name}' (outputs: answer, confidence)")
+            if name not in OUTPUTS:
+                raise V2Error(400, f"unknown output '{name}' (outputs: {', '.join(OUTPUTS)})")
+            if params.get("binary_data", everything_binary):
+                binary.add(name)
+            if name == "unknown_words":
+                out.append(Tensor(name, "BYTES", [len(unknown), 1], unknown))
+                continue
             classes = params.get("classification")
             width = classes if isinstance(classes, int) and not isinstance(classes, bool) and classes > 0 else k
             width = min(width, len(answers))
@@ -163,8 +172,6 @@ class V2Endpoint:
                                   [answers[i].encode() for row in rows for i, _ in row]))
             else:
                 out.append(Tensor("confidence", "FP32", [len(rows), width], [c for row in rows for _, c in row]))
-            if params.get("binary_data", everything_binary):
-                binary.add(name)
         return encode_response(self.model_name(), self.service.version, request.id, out, binary)
 
     async def _send(self, send: Send, status: int, payload: bytes, rid: str, json_length: int | None,

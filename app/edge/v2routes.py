@@ -16,6 +16,9 @@ v2router = APIRouter(tags=["v2 (Open Inference Protocol)"])
 EXTENSIONS = ["binary_tensor_data", "classification"]
 INPUT_RULE = ("image: BYTES [1] or [n] (encoded image files); question: BYTES [n] (UTF-8). One image with n "
               "questions, or n images with n questions (pairs). Parameter top_k (default 1).")
+OUTPUT_RULE = ("answer: BYTES [n, k] and confidence: FP32 [n, k], the k best answers per question, best first; "
+               "unknown_words: BYTES [n, 1], each question's words outside the vocabulary as a JSON array "
+               "('[]' when none). A request that names no outputs gets all three.")
 
 
 # The infer route is served by the front door (app/edge/v2.py) before FastAPI's routing, as
@@ -31,7 +34,7 @@ class TensorIn(BaseModel):
 
 
 class OutputRequest(BaseModel):
-    name: str = Field(description="answer or confidence")
+    name: str = Field(description="answer, confidence or unknown_words")
     parameters: dict | None = Field(None, description="binary_data (bool), classification (int)")
 
 
@@ -96,8 +99,9 @@ def _model_metadata(svc: VQAService, name: str, version: str | None) -> dict:
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
                    {"name": "question", "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": "answer", "datatype": "BYTES", "shape": [-1, -1]},
-                    {"name": "confidence", "datatype": "FP32", "shape": [-1, -1]}],
-        "parameters": {"inputs": INPUT_RULE},
+                    {"name": "confidence", "datatype": "FP32", "shape": [-1, -1]},
+                    {"name": "unknown_words", "datatype": "BYTES", "shape": [-1, 1]}],
+        "parameters": {"inputs": INPUT_RULE, "outputs": OUTPUT_RULE},
     }
 
 

@@ -58,7 +58,7 @@ def test_health_and_metadata(client, model):
     assert m["name"] == model["name"] and m["versions"] == [model["version"]]
     assert {(t["name"], t["datatype"]) for t in m["inputs"]} == {("image", "BYTES"), ("question", "BYTES")}
     assert {(t["name"], t["datatype"], tuple(t["shape"])) for t in m["outputs"]} == {
-        ("answer", "BYTES", (-1, -1)), ("confidence", "FP32", (-1, -1))}
+        ("answer", "BYTES", (-1, -1)), ("confidence", "FP32", (-1, -1)), ("unknown_words", "BYTES", (-1, 1))}
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -86,6 +86,23 @@ def test_one_image_many_questions_and_the_classification_extension(client, model
         for cell, c in zip(row, crow):
             score, index, label = cell.decode().split(":", 2)
             assert abs(float(score) - c) < 1e-6 and model["answers"][int(index)] == label
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_unknown_words_are_v1s_and_every_output_comes_when_none_is_named(server, client, model, easy_vqa_samples,
+                                                                          binary):
+    image = easy_vqa_samples[0][0]
+    questions = ["what shape is the zorblax?", "what color is the shape?", "is the qwerty bluish or flurp?"]
+    r = client.infer(model["name"], inputs(image, questions, binary))  # no outputs named: all of them
+    assert {o["name"] for o in r.get_response()["outputs"]} == {"answer", "confidence", "unknown_words"}
+    got = [json.loads(w) for w in r.as_numpy("unknown_words").reshape(-1)]
+    want = [httpx.post(f"{server.url}/v1/answer", files={"image": ("i.png", image, "image/png")},
+                       data={"question": q}, timeout=60).json()["unknown_words"] for q in questions]
+    assert got == want and got[1] == [] and "zorblax" in got[0]
+    assert r.as_numpy("unknown_words").shape == (3, 1)
+    only = client.infer(model["name"], inputs(image, questions[:1], binary),
+                        outputs=[httpclient.InferRequestedOutput("unknown_words", binary_data=binary)])
+    assert [o["name"] for o in only.get_response()["outputs"]] == ["unknown_words"]
 
 
 def test_async_infer_at_concurrency(server, client, model, easy_vqa_samples):

@@ -139,7 +139,8 @@ def test_openapi_schema_is_unchanged():
     """/openapi.json as the FastAPI declarations generate it (taken before the served
     implementation existed; regenerated after ModelInfo.precision and the explain field and
     Explanation schema were added, and after the Open Inference Protocol's /v2 routes were added
-    (issue 25): additions only each time, /v1 unchanged). Regenerate only on purpose."""
+    (issue 25), and the unknown_words output named in their output description: additions only
+    each time, /v1 unchanged). Regenerate only on purpose."""
     app = create_app(make_settings())
     assert app.openapi() == json.loads(SNAPSHOT.read_text())
 
