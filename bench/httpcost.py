@@ -25,8 +25,6 @@ and, with ``--doc``, to the section of docs/performance.md registered for the re
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,8 +36,9 @@ from .loadgen import run_cell
 from .proc import process_tree
 from .server import REPO, ServerProcess
 from app.process.supervisor import process_role
-from .workloads import ImageFormat, ImageStream, easy_vqa_workload, miss_workload
-from .sections import not_measured, publish, rerender, section, section_for_results
+from .workloads import EASY_VQA_TEST_PAIRS, ImageFormat, ImageStream, easy_vqa_workload, miss_workload
+from .sections import (closing, not_measured, opening, publish, repo_relative, rerender, section,
+                       section_for_results)
 
 SCHEMA = "vqa-bench-http/1"
 MARKERS = ("<!-- vqa-bench:http:begin -->", "<!-- vqa-bench:http:end -->")
@@ -65,7 +64,6 @@ def servers(before: Path | None) -> dict[str, dict]:
     return out
 
 
-EASY_VQA_TEST_PAIRS = 9673  # questions in easy-VQA's test split
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -214,17 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         return rerender(argv, render, "vqa-bench:http")
     args = parse_args(argv)
     started = time.perf_counter()
-    results = {"schema": SCHEMA, "label": args.label,
-               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "command": shlex.join(["vqa-bench", "http", *argv]),
-               "machine": machine.describe(__import__("torch").device(args.device)),
-               "load_average_start": machine.load_average(), "concurrency": args.concurrency,
-               "requests": args.requests, "rounds": args.rounds, "workload": args.workload,
-               "workers": args.workers, "output": str(args.output.resolve().relative_to(REPO))
-               if args.output.resolve().is_relative_to(REPO) else str(args.output)}
+    results = opening(SCHEMA, "http", argv, label=args.label, device=args.device, concurrency=args.concurrency,
+                      requests=args.requests, rounds=args.rounds, workload=args.workload, workers=args.workers,
+                      output=repo_relative(args.output))
     results.update(measure(args))
-    results["load_average_end"] = machine.load_average()
-    results["duration_s"] = time.perf_counter() - started
+    closing(results, started)
     publish(results, args.output, section_for_results(args.output) or "vqa-bench:http", render, args.doc)
     log(f"results: {args.output}")
     return 0

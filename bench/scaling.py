@@ -21,8 +21,6 @@ generator. Results to JSON; ``--doc`` rewrites the ``scaling`` section of docs/p
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import shlex
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ from .loadgen import run_cell
 from .report import percent
 from .server import REPO, ServerProcess
 from .workloads import ImageFormat, ImageStream, miss_workload
-from .sections import not_measured, publish, rerender, section
+from .sections import closing, not_measured, opening, publish, repo_relative, rerender, section
 
 SCHEMA = "vqa-bench-scaling/1"
 MARKERS = ("<!-- vqa-bench:scaling:begin -->", "<!-- vqa-bench:scaling:end -->")
@@ -192,23 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         return rerender(argv, render, "vqa-bench:scaling")
     args = parse_args(argv)
     started = time.perf_counter()
-    try:
-        output = str(args.output.resolve().relative_to(REPO))
-    except ValueError:
-        output = str(args.output)
-    results = {"schema": SCHEMA, "label": args.label,
-               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "command": shlex.join(["vqa-bench", "scaling", *argv]),
-               "machine": machine.describe(__import__("torch").device("cpu")),
-               "load_average_start": machine.load_average(), "requests": args.requests,
-               "rounds": args.rounds, "workers": args.workers, "sim_a_ms": args.sim_a_ms,
-               "sim_b_ms": args.sim_b_ms, "output": output, "parts": {}}
+    results = opening(SCHEMA, "scaling", argv, label=args.label, requests=args.requests, rounds=args.rounds,
+                      workers=args.workers, sim_a_ms=args.sim_a_ms, sim_b_ms=args.sim_b_ms,
+                      output=repo_relative(args.output), parts={})
     stream = ImageStream(ImageFormat(64, "PNG"), seed=17)
     with tempfile.TemporaryDirectory(prefix="vqa-bench-scaling-") as tmp:
         for part in args.parts:
             results["parts"][part] = measure_part(part, args, stream, Path(tmp))
-    results["load_average_end"] = machine.load_average()
-    results["duration_s"] = time.perf_counter() - started
+    closing(results, started)
     publish(results, args.output, "vqa-bench:scaling", render, args.doc)
     log(f"results: {args.output}")
     return 0

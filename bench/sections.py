@@ -10,12 +10,16 @@ bench.docgen`` (bench/docgen.py) renders every section from the committed result
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
+import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import machine
 from .server import REPO
 
 RESULTS = REPO / "bench" / "results"
@@ -100,6 +104,34 @@ def section_for_results(path: Path) -> str | None:
         return None
     found = [s.name for s in SECTIONS.values() if s.results == (rel,)]
     return found[0] if len(found) == 1 else None
+
+
+def repo_relative(path: Path) -> str:
+    """``path`` as results files record it: relative to the repository where it lies inside."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
+def opening(schema: str, suite: str, argv: list[str], *, label: str | None = None, device: str = "cpu",
+            **fields) -> dict:
+    """The fields a ``vqa-bench <suite>`` run's results begin with -- schema, label, when, the
+    command, the machine, the load average at the start -- then ``fields``; :func:`closing`
+    adds the end's."""
+    import torch
+
+    return {"schema": schema, "label": label,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join(["vqa-bench", suite, *argv]),
+            "machine": machine.describe(torch.device(device)),
+            "load_average_start": machine.load_average(), **fields}
+
+
+def closing(results: dict, started: float) -> dict:
+    """``results`` with the load average at the end and the run's duration since ``started``
+    (a ``time.perf_counter()`` reading)."""
+    results["load_average_end"] = machine.load_average()
+    results["duration_s"] = time.perf_counter() - started
+    return results
 
 
 def publish(results: dict, output: Path, section: str, render: Callable[[dict], str],

@@ -30,6 +30,20 @@ def memory_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def metric_totals(metrics_url: str, *names: str) -> tuple[float, ...]:
+    """Each named sample of a Prometheus ``/metrics`` page, summed over its labels (a counter
+    ``x`` counts whether the page names its samples ``x`` or ``x_total``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = dict.fromkeys(names, 0.0)
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=30).text):
+        for sample in family.samples:
+            name = sample.name if sample.name in totals else sample.name.removesuffix("_total")
+            if name in totals:
+                totals[name] += sample.value
+    return tuple(totals.values())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

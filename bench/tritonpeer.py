@@ -34,12 +34,10 @@ Triton's wheel needs ``numpy<2``, so it lives in an environment of its own:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib.util
 import json
 import os
 import shutil
-import struct
 import sys
 import sysconfig
 import tempfile
@@ -49,20 +47,20 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from app.edge.v2codec import TensorError, read_tensors
 from app.settings import Settings
 
 from . import machine, simdevice
 from .loadgen import run_cell
 from .proc import process_tree
-from .sections import not_measured, publish, rerender, section, section_for_results
-from .server import REPO, ServerProcess, free_port
+from .sections import closing, not_measured, opening, publish, rerender, section, section_for_results
+from .server import REPO, ServerProcess, free_port, metric_totals
 from .v2bench import batch_histogram, v2_request
-from .workloads import ImageFormat, ImageStream, easy_vqa_samples
+from .workloads import EASY_VQA_TEST_PAIRS, Pairs, easy_vqa_samples
 
 SCHEMA = "vqa-bench-triton/1"
 SERVERS = ("ours", "triton")
 TRITON_MODEL = "vqa"
-EASY_VQA_TEST_PAIRS = 9673
 WARMUP = 256  # untimed requests of each kind per server before the first round
 
 
@@ -139,49 +137,17 @@ def triton_env(python_path: list[str]) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(python_path), "VQA_BENCH_PYTHONPATH": os.pathsep.join(python_path)}
 
 
-def triton_batches(metrics_url: str) -> tuple[float, float]:
-    """(inferences, executions) of the model from Triton's metrics: images and forward passes."""
-    out = {"nv_inference_count": 0.0, "nv_inference_exec_count": 0.0}
-    for line in httpx.get(metrics_url, timeout=30).text.splitlines():
-        name, _, rest = line.partition("{")
-        if name in out and rest:
-            out[name] += float(rest.rsplit(" ", 1)[1])
-    return out["nv_inference_count"], out["nv_inference_exec_count"]
-
-
 def decode_v2(body: bytes) -> tuple[str, float] | None:
-    """(answer, confidence) of a v2 response whose outputs may be binary (the JSON header is
-    ASCII, so its decoded length is its length in bytes)."""
+    """(answer, confidence) of a v2 response, its outputs read with the server's own tensor
+    reader (app/edge/v2codec.py); None for anything else. Its JSON header is ASCII, so its
+    decoded length is its length in bytes."""
     try:
         header, end = json.JSONDecoder().raw_decode(body.decode("latin-1"))
-        values, offset = {}, end
-        for out in header["outputs"]:
-            size = (out.get("parameters") or {}).get("binary_data_size")
-            if size is None:
-                data = out["data"]
-                values[out["name"]] = data[0] if out["datatype"] != "BYTES" else str(data[0])
-                continue
-            raw = body[offset:offset + size]
-            offset += size
-            if out["datatype"] == "BYTES":
-                (n,) = struct.unpack_from("<I", raw)
-                values[out["name"]] = raw[4:4 + n].decode()
-            else:
-                values[out["name"]] = float(np.frombuffer(raw, dtype="<f4")[0])
-        return values["answer"], float(values["confidence"])
-    except (ValueError, KeyError, IndexError, TypeError, struct.error):
+        outputs = read_tensors(header["outputs"], memoryview(body)[end:], "output")
+        answer = outputs["answer"].data[0]
+        return (answer.decode() if isinstance(answer, bytes) else str(answer)), float(outputs["confidence"].data[0])
+    except (TensorError, ValueError, KeyError, IndexError, TypeError):
         return None
-
-
-class Pairs:
-    def __init__(self, workload: str, start: int = 0) -> None:
-        self.workload, self.used = workload, start
-        self.stream = ImageStream(ImageFormat(64, "PNG"), seed=24)
-
-    def take(self, n: int):
-        out = self.stream.take(n) if self.workload == "miss" else easy_vqa_samples(n, start=self.used)
-        self.used += n
-        return out
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -248,11 +214,13 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
         triton_version = httpx.get(procs["triton"].url + "/v2", timeout=30).json()["version"]
         model = {"ours": ours_model, "triton": TRITON_MODEL}
         batches = {"ours": lambda: batch_histogram(procs["ours"].url),
-                   "triton": lambda: triton_batches(f"http://127.0.0.1:{metrics_port}/metrics")}
-        pairs = Pairs(args.workload)
+                   # Triton's counts of inferences (images) and model executions (forward passes)
+                   "triton": lambda: metric_totals(f"http://127.0.0.1:{metrics_port}/metrics",
+                                                   "nv_inference_count", "nv_inference_exec_count")}
+        pairs = Pairs(args.workload, seed=24)
         # Warm-up, untimed, pairs never in a cell: generated images (misses), then the end of the
         # easy-VQA split (repeated images: the cache-hit path), at the cells' concurrency.
-        warm = Pairs("miss").take(WARMUP) + (easy_vqa_samples(WARMUP, start=EASY_VQA_TEST_PAIRS - WARMUP)
+        warm = Pairs("miss", seed=24).take(WARMUP) + (easy_vqa_samples(WARMUP, start=EASY_VQA_TEST_PAIRS - WARMUP)
                                              if args.workload == "easy-vqa" else [])
         for name, srv in procs.items():
             run_cell(srv.url, [v2_request(s, model[name], top_k=None, shape=(1, 1)) for s in warm], args.concurrency)
@@ -357,19 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     from importlib.metadata import version
 
     started = time.perf_counter()
-    results = {"schema": SCHEMA, "label": args.label,
-               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "command": " ".join(["vqa-bench", "triton", *argv]),
-               "machine": machine.describe(__import__("torch").device("cpu")),
-               "load_average_start": machine.load_average(), "regime": args.regime,
-               "sim_ms": [args.sim_a_ms, args.sim_b_ms], "concurrency": args.concurrency,
-               "requests": args.requests, "rounds": args.rounds, "workload": args.workload,
-               "pytriton_version": version("nvidia-pytriton"),
-               "tritonclient_version": getattr(tritonclient, "__version__", version("tritonclient"))}
+    results = opening(SCHEMA, "triton", argv, label=args.label, regime=args.regime,
+                      sim_ms=[args.sim_a_ms, args.sim_b_ms], concurrency=args.concurrency, requests=args.requests,
+                      rounds=args.rounds, workload=args.workload, pytriton_version=version("nvidia-pytriton"),
+                      tritonclient_version=getattr(tritonclient, "__version__", version("tritonclient")))
     with tempfile.TemporaryDirectory(prefix="vqa-bench-triton-") as tmp:
         results.update(measure(args, Path(tmp)))
-    results["load_average_end"] = machine.load_average()
-    results["duration_s"] = time.perf_counter() - started
+    closing(results, started)
     publish(results, args.output, section_for_results(args.output) or "vqa-bench:triton", render, args.doc)
     log(f"results: {args.output} ({results['duration_s']:.0f} s)")
     return 0

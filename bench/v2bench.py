@@ -24,8 +24,6 @@ compared. Needs ``tritonclient[http]`` (the ``bench`` and ``test`` extras).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,14 +33,14 @@ import numpy as np
 
 from . import machine
 from .loadgen import run_cell
-from .sections import not_measured, publish, rerender, section
-from .server import REPO, ServerProcess
-from .workloads import ImageFormat, ImageStream, PreparedRequest, Sample, answer_request, easy_vqa_samples
+from .sections import closing, not_measured, opening, publish, rerender, section
+from .server import REPO, ServerProcess, metric_totals
+from .workloads import (EASY_VQA_TEST_PAIRS, ImageFormat, ImageStream, Pairs, PreparedRequest, Sample,
+                        answer_request)
 
 SCHEMA = "vqa-bench-v2/1"
 DOORS = ("v1", "v2")
 FORMAT = ImageFormat(64, "PNG")
-EASY_VQA_TEST_PAIRS = 9673
 
 
 def log(msg: str) -> None:
@@ -90,32 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class Pairs:
-    """Every call hands out new (image, question) pairs of the chosen workload."""
-
-    def __init__(self, workload: str) -> None:
-        self.workload, self.used = workload, 0
-        self.stream = ImageStream(FORMAT, seed=25)
-
-    def take(self, n: int) -> list[Sample]:
-        out = self.stream.take(n) if self.workload == "miss" else easy_vqa_samples(n, start=self.used)
-        self.used += n
-        return out
-
-
 def batch_histogram(url: str) -> tuple[float, float]:
     """(sum, count) of the server's ``vqa_batch_size`` histogram: images and forward passes."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = count = 0.0
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
-        if family.name == "vqa_batch_size":
-            for s in family.samples:
-                if s.name.endswith("_sum"):
-                    total += s.value
-                elif s.name.endswith("_count"):
-                    count += s.value
-    return total, count
+    return metric_totals(url + "/metrics", "vqa_batch_size_sum", "vqa_batch_size_count")  # type: ignore[return-value]
 
 
 def check_answers(url: str, model: str, samples: list[Sample]) -> dict:
@@ -160,7 +135,7 @@ def _cell(url: str, pid: int, requests: list[PreparedRequest], c: int, groups=No
 
 
 def measure(args: argparse.Namespace) -> dict:
-    pairs = Pairs(args.workload)
+    pairs = Pairs(args.workload, seed=25)
     srv = ServerProcess({"VQA_DEVICE": "cpu", "VQA_REQUEST_TIMEOUT_S": "600", "VQA_WORKERS": str(args.workers)},
                         ready_timeout_s=300).start()
     c = args.concurrency
@@ -271,16 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         return rerender(argv, render, "vqa-bench:v2")
     args = parse_args(argv)
     started = time.perf_counter()
-    results = {"schema": SCHEMA, "label": args.label,
-               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "command": shlex.join(["vqa-bench", "v2", *argv]),
-               "machine": machine.describe(__import__("torch").device("cpu")),
-               "load_average_start": machine.load_average(), "concurrency": args.concurrency,
-               "requests": args.requests, "rounds": args.rounds, "workload": args.workload,
-               "workers": args.workers}
+    results = opening(SCHEMA, "v2", argv, label=args.label, concurrency=args.concurrency, requests=args.requests,
+                      rounds=args.rounds, workload=args.workload, workers=args.workers)
     results.update(measure(args))
-    results["load_average_end"] = machine.load_average()
-    results["duration_s"] = time.perf_counter() - started
+    closing(results, started)
     publish(results, args.output, "vqa-bench:v2", render, args.doc)
     log(f"results: {args.output} ({results['duration_s']:.0f} s)")
     return 0

@@ -199,6 +199,9 @@ def healthz_workload(n: int) -> list[PreparedRequest]:
     return [PreparedRequest("GET", "/healthz")] * n
 
 
+EASY_VQA_TEST_PAIRS = 9673  # questions in easy-VQA's test split
+
+
 def easy_vqa_samples(n: int, start: int = 0) -> list[Sample]:
     """The easy-VQA test split in file order: questions ``start`` to ``start + n`` with their
     images (the package's PNG files as they are), as a new user would first try the server.
@@ -222,3 +225,18 @@ def easy_vqa_workload(n: int, start: int = 0) -> list[PreparedRequest]:
     """:func:`easy_vqa_samples` as ``POST /v1/answer`` requests."""
     fmt = ImageFormat(64, "PNG")
     return [answer_request(s, fmt) for s in easy_vqa_samples(n, start)]
+
+
+class Pairs:
+    """New (image, question) pairs on every call: distinct generated 64×64 PNGs
+    (``workload="miss"``, drawn from ``seed``), or the easy-VQA test split's next pairs in file
+    order (``"easy-vqa"``)."""
+
+    def __init__(self, workload: str, seed: int) -> None:
+        self.workload, self.used = workload, 0
+        self.stream = ImageStream(ImageFormat(64, "PNG"), seed=seed)
+
+    def take(self, n: int) -> list[Sample]:
+        out = self.stream.take(n) if self.workload == "miss" else easy_vqa_samples(n, start=self.used)
+        self.used += n
+        return out

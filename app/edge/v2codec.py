@@ -124,30 +124,18 @@ def _binary_elements(blob: memoryview, datatype: str, count: int, where: str) ->
     return list(struct.unpack(f"<{count}{fmt}", blob))
 
 
-def parse_request(body: bytes, header_length: int | None, max_header: int = MAX_HEADER_BYTES) -> InferRequest:
-    """The request in ``body``; ``header_length``: the ``Inference-Header-Content-Length``
-    header's value (None: the body is all JSON)."""
-    if header_length is None:
-        header_length = len(body)
-    if header_length < 0 or header_length > len(body):
-        raise TensorError(f"Inference-Header-Content-Length {header_length} is past the body's {len(body)} bytes")
-    if header_length > max_header:
-        raise TensorError(f"the JSON header is {header_length} bytes; the limit is {max_header}", 413)
-    try:
-        head = json.loads(bytes(body[:header_length]))
-    except (UnicodeDecodeError, ValueError):
-        raise TensorError("the request header is not valid JSON") from None
-    if not isinstance(head, dict) or not isinstance(head.get("inputs"), list):
-        raise TensorError("the request must be a JSON object with an 'inputs' list")
-    rest = memoryview(body)[header_length:]
+def read_tensors(raws: list, rest: memoryview, kind: str = "input") -> dict[str, Tensor]:
+    """The tensors a request's ``inputs`` (or, ``kind="output"``, a response's ``outputs``)
+    describe, by name; the binary data of those that name a ``binary_data_size`` is read from
+    ``rest`` in their order, and every byte of ``rest`` must belong to one."""
     at = 0
-    inputs: dict[str, Tensor] = {}
-    for i, raw in enumerate(head["inputs"]):
+    tensors: dict[str, Tensor] = {}
+    for i, raw in enumerate(raws):
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-            raise TensorError(f"inputs[{i}] must be an object with a 'name'")
+            raise TensorError(f"{kind}s[{i}] must be an object with a 'name'")
         name = raw["name"]
-        where = f"input '{name}'"
-        if name in inputs:
+        where = f"{kind} '{name}'"
+        if name in tensors:
             raise TensorError(f"{where} is given twice")
         datatype = raw.get("datatype")
         if not isinstance(datatype, str):
@@ -168,9 +156,28 @@ def parse_request(body: bytes, header_length: int | None, max_header: int = MAX_
             data = _json_elements(raw, datatype, where)
         if len(data) != _count(shape):
             raise TensorError(f"{where}: shape {shape} holds {_count(shape)} elements, the data {len(data)}")
-        inputs[name] = Tensor(name, datatype, shape, data, params)
+        tensors[name] = Tensor(name, datatype, shape, data, params)
     if at != len(rest):
-        raise TensorError(f"{len(rest) - at} bytes of binary data that no input claims")
+        raise TensorError(f"{len(rest) - at} bytes of binary data that no {kind} claims")
+    return tensors
+
+
+def parse_request(body: bytes, header_length: int | None, max_header: int = MAX_HEADER_BYTES) -> InferRequest:
+    """The request in ``body``; ``header_length``: the ``Inference-Header-Content-Length``
+    header's value (None: the body is all JSON)."""
+    if header_length is None:
+        header_length = len(body)
+    if header_length < 0 or header_length > len(body):
+        raise TensorError(f"Inference-Header-Content-Length {header_length} is past the body's {len(body)} bytes")
+    if header_length > max_header:
+        raise TensorError(f"the JSON header is {header_length} bytes; the limit is {max_header}", 413)
+    try:
+        head = json.loads(bytes(body[:header_length]))
+    except (UnicodeDecodeError, ValueError):
+        raise TensorError("the request header is not valid JSON") from None
+    if not isinstance(head, dict) or not isinstance(head.get("inputs"), list):
+        raise TensorError("the request must be a JSON object with an 'inputs' list")
+    inputs = read_tensors(head["inputs"], memoryview(body)[header_length:])
     outputs: dict[str, dict] = {}
     for j, raw in enumerate(head.get("outputs") or []):
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
