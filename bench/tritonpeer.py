@@ -150,6 +150,20 @@ def decode_v2(body: bytes) -> tuple[str, float] | None:
         return None
 
 
+def cell_pairs(workload: str) -> Pairs:
+    return Pairs(workload, seed=24)
+
+
+def warmup_pairs(workload: str) -> list:
+    """Untimed pairs no cell sends: generated images (misses; another seed than the cells',
+    which ``--workload miss`` draws from), then, for the easy-VQA workload, the end of its
+    split (repeated images: the cache-hit path)."""
+    warm = Pairs("miss", seed=7).take(WARMUP)
+    if workload == "easy-vqa":
+        warm += easy_vqa_samples(WARMUP, start=EASY_VQA_TEST_PAIRS - WARMUP)
+    return warm
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vqa-bench triton", description=__doc__.split("\n\n")[0])
     p.add_argument("--regime", choices=("model", "sim"), default="model",
@@ -217,11 +231,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                    # Triton's counts of inferences (images) and model executions (forward passes)
                    "triton": lambda: metric_totals(f"http://127.0.0.1:{metrics_port}/metrics",
                                                    "nv_inference_count", "nv_inference_exec_count")}
-        pairs = Pairs(args.workload, seed=24)
-        # Warm-up, untimed, pairs never in a cell: generated images (misses), then the end of the
-        # easy-VQA split (repeated images: the cache-hit path), at the cells' concurrency.
-        warm = Pairs("miss", seed=24).take(WARMUP) + (easy_vqa_samples(WARMUP, start=EASY_VQA_TEST_PAIRS - WARMUP)
-                                             if args.workload == "easy-vqa" else [])
+        pairs = cell_pairs(args.workload)
+        warm = warmup_pairs(args.workload)
         for name, srv in procs.items():
             run_cell(srv.url, [v2_request(s, model[name], top_k=None, shape=(1, 1)) for s in warm], args.concurrency)
         cells: dict[str, list[dict]] = {n: [] for n in SERVERS}

@@ -38,6 +38,14 @@ def test_a_response_that_is_not_an_answer_reads_as_none():
     assert tritonpeer.decode_v2(body[:-2]) is None  # cut short
 
 
+@pytest.mark.parametrize("workload", ["miss", "easy-vqa"])
+def test_the_warm_up_sends_no_pair_a_cell_will_send(workload):
+    """Otherwise the first round would find those images in both servers' caches."""
+    cells = tritonpeer.cell_pairs(workload).take(9673 - tritonpeer.WARMUP if workload == "easy-vqa" else 600)
+    sent = {(s.image, s.question) for s in cells}
+    assert not sent & {(s.image, s.question) for s in tritonpeer.warmup_pairs(workload)}
+
+
 def test_the_easy_vqa_workload_must_fit_the_split():
     ok = tritonpeer.parse_args(["--requests", "2000", "--rounds", "3"])
     assert ok.concurrency == 32 and ok.output.name == "triton-cpu.json"
