@@ -6,8 +6,9 @@ Inputs: ``image`` BYTES (encoded image files, as ``/v1`` takes them) and ``quest
 ``answer`` BYTES ``[N, k]`` and ``confidence`` FP32 ``[N, k]``, best first (``top_k`` is a
 request parameter, default 1), and ``unknown_words`` BYTES ``[N, 1]``: each question's words
 outside the model's vocabulary, in order of appearance, as a JSON array (``[]`` when none; what
-``/v1`` reports as ``unknown_words``). A request that names no outputs gets all three. Triton's classification extension: an ``answer`` output asked for with
-``"classification": c`` is ``[N, c]`` strings ``"<confidence>:<index>:<answer>"``.
+``/v1`` reports as ``unknown_words``). A request that names no outputs gets all three.
+Triton's classification extension: an ``answer`` output asked for with ``"classification": c``
+is ``[N, c]`` strings ``"<confidence>:<index>:<answer>"``.
 Errors are ``{"error": "<message>"}`` with Triton's statuses: 400, 404 (unknown model or
 version), 413, 503 + ``Retry-After``, 504, 500.
 """
@@ -142,9 +143,9 @@ class V2Endpoint:
                                            for img, q in zip(images.data, encoded)])
             probs = [a.result.probs[0].tolist() for a in asked]
         del images
-        return self._outputs(request, probs, k, [json.dumps(list(e.unknown_words)).encode() for e in encoded])
+        return self._outputs(request, probs, k, encoded)
 
-    def _outputs(self, request, probs: list[list[float]], k: int, unknown: list[bytes]) -> tuple[bytes, int | None]:
+    def _outputs(self, request, probs: list[list[float]], k: int, questions: list) -> tuple[bytes, int | None]:
         answers = self.service.model.answers.answers  # type: ignore[union-attr]
         wanted = request.outputs or {name: {} for name in OUTPUTS}  # none named: all of them
         everything_binary = bool(request.parameters.get("binary_data_output", False))
@@ -156,7 +157,8 @@ class V2Endpoint:
             if params.get("binary_data", everything_binary):
                 binary.add(name)
             if name == "unknown_words":
-                out.append(Tensor(name, "BYTES", [len(unknown), 1], unknown))
+                out.append(Tensor(name, "BYTES", [len(questions), 1],
+                                  [json.dumps(list(q.unknown_words)).encode() for q in questions]))
                 continue
             classes = params.get("classification")
             width = classes if isinstance(classes, int) and not isinstance(classes, bool) and classes > 0 else k
