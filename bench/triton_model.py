@@ -16,7 +16,8 @@ replaces the forward pass, as it does in our server.
 
 Inputs (batch dimension first, as Triton's dynamic batcher needs): ``image`` BYTES ``[-1, 1]``,
 ``question`` BYTES ``[-1, 1]``. Outputs: ``answer`` BYTES ``[-1, 1]``, ``confidence`` FP32
-``[-1, 1]`` (the best answer), exactly what ``/v2/models/<ours>/infer`` answers with ``top_k`` 1.
+``[-1, 1]`` (the best answer): what ``/v2/models/<ours>/infer`` answers with ``top_k`` 1, less
+its ``unknown_words`` output.
 """
 
 from __future__ import annotations
